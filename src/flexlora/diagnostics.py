@@ -1,0 +1,112 @@
+"""What one round of aggregation did to each module, returned as data.
+
+For every module: the spectrum of the global update (its effective rank, how many singular
+values hold 90% / 99% of the energy), and for every rank that is handed out the energy that
+rank captures and its relative truncation error. Methods that are not exact (FedAvg of
+factors, HetLoRA's zero padding) are also measured against the exact weighted sum of the
+clients' updates, ``sum_k p_k s_k B_k A_k``, so their aggregation noise is visible. A spectrum
+whose energy sits in the first few singular values is the "rank collapse" raFLoRA warns of.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from flexlora.lowrank import factored_distance, factored_fro_norm, stack_factors, svd_of_product
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
+
+
+def spectrum_summary(S: Tensor, ranks: Iterable[int]) -> dict:
+    """Energy and relative truncation error per rank, effective rank, rank for 90%/99% energy."""
+    s = S.to(torch.float64).clamp_min(0)
+    energy = s.square()
+    total = float(energy.sum())
+    out: dict = {"num_singular_values": int(s.numel()), "top_singular_values": [float(x) for x in s[:8]]}
+    if total <= 0:
+        out.update(effective_rank=0.0, rank_90=0, rank_99=0, energy={}, truncation_error={})
+        return out
+    cum = torch.cumsum(energy, 0) / total
+    p = s / s.sum()
+    p = p[p > 0]
+    out["effective_rank"] = float(torch.exp(-(p * p.log()).sum()))  # Roy & Vetterli (2007)
+    out["rank_90"] = int((cum < 0.9).sum()) + 1
+    out["rank_99"] = int((cum < 0.99).sum()) + 1
+    out["energy"] = {}
+    out["truncation_error"] = {}
+    for r in sorted(set(ranks)):
+        captured = float(cum[min(r, s.numel()) - 1]) if r > 0 else 0.0
+        out["energy"][str(r)] = captured
+        out["truncation_error"][str(r)] = math.sqrt(max(0.0, 1.0 - captured))
+    return out
+
+
+def _global_factors(state: ServerState, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The global update of one module as (B, A): the adapter plus, for FLoRA, the merged stack."""
+    parts = [state.adapter[name]]
+    if state.base_delta is not None and name in state.base_delta:
+        parts.append(state.base_delta[name])
+    B = torch.cat([gm.B.to(dtype) for gm in parts], dim=1)
+    A = torch.cat([gm.A.to(dtype) for gm in parts], dim=0)
+    return B, A
+
+
+def aggregation_report(
+    state: ServerState,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    share_ranks: dict[str, Iterable[int]] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, dict]:
+    """Per module: spectrum of the global update, energy / truncation error per shared rank,
+    and the relative distance of the global update to the exact weighted sum of the clients'."""
+    report: dict[str, dict] = {}
+    for name in state.adapter:
+        coeffs = [w * u.modules[name].scale for u, w in zip(updates, weights)]
+        exact_B, exact_A = stack_factors([u.modules[name].B for u in updates], [u.modules[name].A for u in updates], coeffs, dtype)
+        exact_norm = factored_fro_norm(exact_B, exact_A)
+        B, A = _global_factors(state, name, dtype)
+        gm: GlobalModule = state.adapter[name]
+        if gm.spectrum is not None and state.base_delta is None:
+            S = gm.spectrum
+        elif A.shape[0] > 0:
+            S = svd_of_product(B, A).S
+        else:
+            S = torch.zeros(0, dtype=dtype)
+        ranks = list(share_ranks.get(name, [])) if share_ranks else sorted({u.modules[name].rank for u in updates})
+        entry = spectrum_summary(S, ranks)
+        dist = factored_distance(B, A, exact_B, exact_A)
+        entry["global_norm"] = factored_fro_norm(B, A)
+        entry["exact_norm"] = exact_norm
+        entry["rel_error_vs_exact"] = dist / exact_norm if exact_norm > 0 else 0.0
+        if state.base_delta is None and entry["global_norm"] > 0:
+            # What a client of rank r actually receives, against the global update (for SVD-ordered
+            # states this equals the spectral truncation error; for padded states it is larger).
+            Bg, Ag = gm.B.to(dtype), gm.A.to(dtype)
+            entry["share_error"] = {
+                str(r): factored_distance(Bg[:, :r], Ag[:r], Bg, Ag) / entry["global_norm"] for r in sorted(set(ranks))
+            }
+        report[name] = entry
+    return report
+
+
+def summarise(report: dict[str, dict]) -> dict:
+    """Averages over modules of a per-module report: the numbers a round's log line needs."""
+    if not report:
+        return {}
+    entries = list(report.values())
+    mean = lambda key: sum(e.get(key, 0.0) for e in entries) / len(entries)  # noqa: E731
+    ranks = sorted({r for e in entries for r in e.get("energy", {})}, key=int)
+    return {
+        "effective_rank": mean("effective_rank"),
+        "rel_error_vs_exact": mean("rel_error_vs_exact"),
+        "max_rel_error_vs_exact": max(e.get("rel_error_vs_exact", 0.0) for e in entries),
+        "energy": {r: sum(e["energy"].get(r, 0.0) for e in entries if r in e["energy"]) / max(1, sum(r in e["energy"] for e in entries)) for r in ranks},
+        "truncation_error": {
+            r: sum(e["truncation_error"].get(r, 0.0) for e in entries if r in e["truncation_error"]) / max(1, sum(r in e["truncation_error"] for e in entries))
+            for r in ranks
+        },
+    }

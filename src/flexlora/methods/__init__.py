@@ -1,0 +1,32 @@
+"""Aggregation methods: one file per method, one interface (:class:`AggregationMethod`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flexlora.methods.base import AggregationMethod
+from flexlora.methods.fedavg import FedAvg
+from flexlora.methods.ffa import FFALoRA
+from flexlora.methods.flexlora import FlexLoRA
+from flexlora.methods.flora import FLoRA
+from flexlora.methods.hetlora import HetLoRA
+from flexlora.methods.rank_partition import RankPartition
+
+METHODS: dict[str, type[AggregationMethod]] = {
+    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA, RankPartition)
+}
+
+
+def get_method(name: str, **options: Any) -> AggregationMethod:
+    """Build a method by name; unknown names and options fail with the list of what exists."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation method {name!r}; choose one of {sorted(METHODS)}") from None
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for method {name!r}: {e}") from None
+
+
+__all__ = ["AggregationMethod", "METHODS", "get_method", "FlexLoRA", "FedAvg", "HetLoRA", "FLoRA", "FFALoRA", "RankPartition"]

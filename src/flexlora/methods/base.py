@@ -1,0 +1,147 @@
+"""The one interface every aggregation method implements, and the helpers they share.
+
+A method turns one round's client updates into a :class:`ServerState` (``aggregate``) and hands a
+client of given per-module ranks its share of that state (``share_for``). The default
+``share_for`` takes the first r columns of the global ``B`` (divided by the client's own scale)
+and the first r rows of ``A``: for SVD-ordered states that is the best rank-r approximation,
+for zero-padded states it is HetLoRA's truncation. A method overrides only what differs.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from abc import ABC, abstractmethod
+from typing import ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from flexlora.update import (
+    AdapterSpec,
+    ClientUpdate,
+    GlobalModule,
+    LoraFactors,
+    ServerState,
+    UpdateError,
+    check_compatible,
+    data_size_weights,
+    normalise_weights,
+)
+
+
+class AggregationMethod(ABC):
+    """Aggregate heterogeneous-rank LoRA updates; share the result back at each client's ranks."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    supports_heterogeneous_ranks: ClassVar[bool] = True
+
+    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        self.dtype = dtype  # the dtype the server computes in
+        self.seed = seed  # seeds the random rows given to ranks the state does not fill
+
+    # -- the interface ---------------------------------------------------------------------------
+    @abstractmethod
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0
+    ) -> ServerState:
+        """Combine one round's updates. ``weights`` default to data sizes (n_k / sum n_j)."""
+
+    def share_for(self, state: ServerState, spec: AdapterSpec) -> dict[str, LoraFactors]:
+        """The adapter a client with per-module ``spec`` starts its next round from."""
+        missing = sorted(set(spec) - set(state.adapter))
+        if missing:
+            raise UpdateError(f"the server state has no module {missing[0]!r} (and {len(missing) - 1} more)")
+        return {name: self._share_module(state, name, state.adapter[name], s.rank, s.scale) for name, s in spec.items()}
+
+    def check_specs(self, specs: Sequence[AdapterSpec]) -> None:
+        """Refuse a federation this method cannot serve, before any training happens."""
+        if self.supports_heterogeneous_ranks or not specs:
+            return
+        first = specs[0]
+        for i, spec in enumerate(specs):
+            for name, s in spec.items():
+                if name in first and s.rank != first[name].rank:
+                    raise UpdateError(
+                        f"{self.name} needs every client at the same rank per module, but module {name!r} has rank "
+                        f"{first[name].rank} for client 0 and {s.rank} for client {i}; use flexlora, hetlora or "
+                        f"rank_partition for heterogeneous ranks"
+                    )
+
+    def initial_state(self, shapes: Mapping[str, tuple[int, int]], round: int = 0) -> ServerState:
+        """The state before round 1: no update yet, so every share is a fresh LoRA init (B = 0)."""
+        empty = {
+            name: GlobalModule(A=torch.zeros(0, d_in, dtype=self.dtype), B=torch.zeros(d_out, 0, dtype=self.dtype))
+            for name, (d_out, d_in) in shapes.items()
+        }
+        return ServerState(method=self.name, round=round, adapter=empty, info={"seed": self.seed})
+
+    # -- helpers shared by the methods -------------------------------------------------------------
+    def _prepare(
+        self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None
+    ) -> tuple[list[ClientUpdate], list[float]]:
+        updates = list(updates)
+        check_compatible(updates)
+        p = data_size_weights(updates) if weights is None else normalise_weights(list(weights), updates)
+        return updates, p
+
+    def _state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate], p: Sequence[float], **info) -> ServerState:
+        return ServerState(
+            method=self.name,
+            round=round,
+            adapter=adapter,
+            weights={u.client_id: float(w) for u, w in zip(updates, p)},
+            info={"seed": self.seed, **info},
+        )
+
+    def _share_module(self, state: ServerState, name: str, gm: GlobalModule, rank: int, scale: float) -> LoraFactors:
+        k = min(rank, gm.rank)
+        B = gm.B[:, :k] / scale
+        A = gm.A[:k]
+        if k < rank:
+            B, A = _pad_with_fresh_rows(B, A, rank, _module_seed(state, name))
+        return LoraFactors(A=A.contiguous(), B=B.contiguous(), scale=scale)
+
+
+def _module_seed(state: ServerState, name: str) -> int:
+    return (int(state.info.get("seed", 0)) * 1_000_003 + state.round * 7919 + zlib.crc32(name.encode())) % (2**63)
+
+
+def fresh_lora_rows(rank: int, d_in: int, seed: int, dtype: torch.dtype) -> Tensor:
+    """Rows of a fresh LoRA ``A`` as PEFT initialises it (kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))).
+
+    Row i is the same for every requested ``rank > i`` (prefix-consistent), so clients of
+    different ranks share the leading rows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(rank, d_in, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+
+
+def _pad_with_fresh_rows(B: Tensor, A: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Grow a rank-k pair to ``rank`` without changing ``B @ A``: zero columns in B, fresh rows in A.
+
+    Zero rows in A as well would give both padded factors zero gradient forever; fresh rows
+    keep the extra rank trainable, exactly as a new LoRA adapter is initialised.
+    """
+    k = A.shape[0]
+    extra_A = fresh_lora_rows(rank, A.shape[1], seed, A.dtype)[k:]
+    extra_B = torch.zeros(B.shape[0], rank - k, dtype=B.dtype)
+    return torch.cat([B, extra_B], dim=1), torch.cat([A, extra_A], dim=0)
+
+
+def zero_pad(t: Tensor, rank: int, dim: int) -> Tensor:
+    """Zero-pad the rank dimension of a factor to ``rank`` (HetLoRA's padding)."""
+    missing = rank - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=dim)
+
+
+def scaled_factors(u: ClientUpdate, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(scale * B, A) of one module in the server's dtype: the effective update, scale applied first."""
+    f = u.modules[name]
+    return f.scale * f.B.to(dtype), f.A.to(dtype)

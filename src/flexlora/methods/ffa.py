@@ -1,0 +1,42 @@
+"""FFA-LoRA: a frozen, shared random A; only B is trained and averaged.
+
+Sun, Qin, Li, Ding, Li. "Improving LoRA in Privacy-preserving Federated Learning." ICLR 2024,
+arXiv:2403.12313.
+
+With A fixed and identical on every client, ``mean(B) A == mean(B A)``: averaging B alone is
+exact, halves the upload, and suits differential privacy. Clients must share A (it comes from
+the server's initial state) and therefore one rank per module; both are checked.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.update import ClientUpdate, GlobalModule, ServerState, UpdateError
+
+
+class FFALoRA(AggregationMethod):
+    name = "ffa"
+    paper = "Sun et al., ICLR 2024 (arXiv:2403.12313)"
+    supports_heterogeneous_ranks = False
+    trains_A = False  # local training freezes lora_A
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+        updates, p = self._prepare(updates, weights)
+        self.check_specs([u.spec() for u in updates])
+        adapter: dict[str, GlobalModule] = {}
+        for name in updates[0].modules:
+            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            A0 = pairs[0][1]
+            for u, (_, A) in zip(updates, pairs):
+                if not torch.equal(A, A0):
+                    raise UpdateError(
+                        f"ffa: client {u.client_id} changed the frozen lora_A of module {name!r}"
+                        f" (max difference {float((A - A0).abs().max()):.3g}); FFA-LoRA needs one shared A"
+                    )
+            B = sum(w * sB for w, (sB, _) in zip(p, pairs))
+            adapter[name] = GlobalModule(A=A0.clone(), B=B)
+        return self._state(round, adapter, updates, p)

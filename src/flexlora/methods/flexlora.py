@@ -1,0 +1,62 @@
+"""FlexLoRA: full-size synthesis of heterogeneous-rank updates, redistributed by SVD.
+
+Bai, Chen, Shen, Li. "Federated Fine-tuning of Large Language Models under Heterogeneous
+Tasks and Client Resources." NeurIPS 2024, arXiv:2402.11505.
+
+Per module: ``dW = sum_k p_k * s_k * B_k @ A_k`` with ``p_k = n_k / sum_j n_j`` and the client's
+own scale ``s_k = alpha_k / r_k`` applied before averaging; ``dW = U S V^T``; a client of rank r
+receives ``B = U_r S_r / s_r, A = V_r^T`` (all singular values in B, as in the paper) or the
+``sqrt`` split ``B = U_r S_r^(1/2) / s_r, A = S_r^(1/2) V_r^T``. Either way ``s_r B A`` is the best
+rank-r approximation of ``dW`` (Eckart-Young). The SVD is exact and never forms ``dW`` when the
+stacked rank is below the layer width (see :mod:`flexlora.lowrank`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from flexlora.lowrank import SvdPath, svd_of_sum
+from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
+
+
+class FlexLoRA(AggregationMethod):
+    name = "flexlora"
+    paper = "Bai et al., NeurIPS 2024 (arXiv:2402.11505)"
+
+    def __init__(
+        self,
+        singular_values: Literal["B", "sqrt"] = "B",
+        svd_path: SvdPath = "auto",
+        keep_rank: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(dtype=dtype, seed=seed)
+        if singular_values not in ("B", "sqrt"):
+            raise ValueError(f"singular_values must be 'B' (paper) or 'sqrt', got {singular_values!r}")
+        if keep_rank is not None and keep_rank < 1:
+            raise ValueError(f"keep_rank must be >= 1 or None, got {keep_rank}")
+        self.singular_values = singular_values
+        self.svd_path = svd_path
+        self.keep_rank = keep_rank  # None keeps the exact aggregate; an int bounds server memory
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+        updates, p = self._prepare(updates, weights)
+        adapter: dict[str, GlobalModule] = {}
+        paths: dict[str, str] = {}
+        for name in updates[0].modules:
+            Bs, As = zip(*(scaled_factors(u, name, self.dtype) for u in updates))
+            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype)
+            k = svd.S.shape[0] if self.keep_rank is None else min(self.keep_rank, svd.S.shape[0])
+            U, S, Vh = svd.U[:, :k], svd.S[:k], svd.Vh[:k]
+            if self.singular_values == "B":
+                B, A = U * S, Vh
+            else:
+                root = S.sqrt()
+                B, A = U * root, root[:, None] * Vh
+            adapter[name] = GlobalModule(A=A.contiguous(), B=B.contiguous(), spectrum=svd.S)
+            paths[name] = svd.path
+        return self._state(round, adapter, updates, p, svd_paths=paths)

@@ -1,0 +1,85 @@
+"""HetLoRA: zero-padding aggregation with norm-based weights, truncation for distribution.
+
+Cho, Liu, Gupta, Joshi, Ahmed. "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+Foundation Models." EMNLP 2024, arXiv:2401.06432.
+
+Server: zero-pad every client's factors to the largest rank, and average them with
+"sparsity-weighted" weights proportional to the Frobenius norm of each client's update
+``||s_k B_k A_k||_F`` (per module; ``weighting`` also offers data size or their product).
+Distribution: a client of rank r takes the first r columns / rows of the padded average.
+Client: rank self-pruning adds ``lambda * ||B[:, q:]||_F * ||A[q:, :]||_F`` with
+``q = floor(gamma * r)`` to the loss, and drops the tail when it has become small
+(:func:`self_pruning_penalty`, :func:`pruned_rank`; applied in local training, with gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from flexlora.lowrank import factored_fro_norm
+from flexlora.methods.base import AggregationMethod, scaled_factors, zero_pad
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
+
+Weighting = Literal["norm", "data", "norm_x_data"]
+
+
+class HetLoRA(AggregationMethod):
+    name = "hetlora"
+    paper = "Cho et al., EMNLP 2024 (arXiv:2401.06432)"
+
+    def __init__(self, weighting: Weighting = "norm", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__(dtype=dtype, seed=seed)
+        if weighting not in ("norm", "data", "norm_x_data"):
+            raise ValueError(f"weighting must be 'norm', 'data' or 'norm_x_data', got {weighting!r}")
+        self.weighting = weighting
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+        updates, p_data = self._prepare(updates, weights)
+        adapter: dict[str, GlobalModule] = {}
+        module_weights: dict[str, list[float]] = {}
+        for name in updates[0].modules:
+            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            w = self._weights([factored_fro_norm(B, A) for B, A in pairs], p_data)
+            r_max = max(A.shape[0] for _, A in pairs)
+            B = sum(wk * zero_pad(sB, r_max, dim=1) for wk, (sB, _) in zip(w, pairs))
+            A = sum(wk * zero_pad(A, r_max, dim=0) for wk, (_, A) in zip(w, pairs))
+            adapter[name] = GlobalModule(A=A, B=B)
+            module_weights[name] = w
+        return self._state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
+
+    def _weights(self, norms: list[float], p_data: list[float]) -> list[float]:
+        if self.weighting == "data":
+            return list(p_data)
+        raw = norms if self.weighting == "norm" else [n * p for n, p in zip(norms, p_data)]
+        total = sum(raw)
+        if total <= 0 or not math.isfinite(total):  # every update is zero at this module: fall back to data size
+            return list(p_data)
+        return [r / total for r in raw]
+
+
+def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:
+    """HetLoRA's rank self-pruning regulariser for one module, differentiable in A and B.
+
+    ``||B[:, q:]||_F * ||A[q:, :]||_F`` with ``q = floor(gamma * r)``: pushes the tail ranks
+    towards zero so the client can drop them. Zero when ``q == r``.
+    """
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    q = int(math.floor(gamma * A.shape[0]))
+    if q >= A.shape[0]:
+        return A.new_zeros(())
+    return torch.linalg.matrix_norm(B[:, q:]) * torch.linalg.matrix_norm(A[q:, :])
+
+
+def pruned_rank(A: Tensor, B: Tensor, gamma: float, previous_tail_norm: float | None) -> tuple[int, float]:
+    """Return (new rank, tail norm): drop the tail when its norm shrank since the last round."""
+    r = A.shape[0]
+    q = max(1, int(math.floor(gamma * r)))
+    tail = float(torch.linalg.matrix_norm(B[:, q:]) * torch.linalg.matrix_norm(A[q:, :])) if q < r else 0.0
+    if previous_tail_norm is not None and q < r and tail < previous_tail_norm:
+        return q, tail
+    return r, tail

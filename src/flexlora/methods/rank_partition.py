@@ -1,0 +1,55 @@
+"""Rank-partition reweighting: average column j only over the clients that have it.
+
+After RB-LoRA and raFLoRA (2025-26): zero-padding (HetLoRA) divides the high-rank columns by
+clients that never trained them, which dilutes what the rich clients learned and drives the
+energy into the smallest shared rank ("rank collapse"). Here column j of ``s_k B_k`` and row j
+of ``A_k`` are averaged only over the clients with ``r_k > j``, with their data-size weights
+renormalised within that partition. Redistribution truncates (``redistribute="truncate"``) or
+takes the SVD of the reweighted product (``"svd"``) so that truncation is optimal.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from flexlora.lowrank import svd_of_product
+from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
+
+
+class RankPartition(AggregationMethod):
+    name = "rank_partition"
+    paper = "RB-LoRA / raFLoRA rank-partition reweighting (2025-26)"
+
+    def __init__(self, redistribute: Literal["truncate", "svd"] = "truncate", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__(dtype=dtype, seed=seed)
+        if redistribute not in ("truncate", "svd"):
+            raise ValueError(f"redistribute must be 'truncate' or 'svd', got {redistribute!r}")
+        self.redistribute = redistribute
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+        updates, p = self._prepare(updates, weights)
+        adapter: dict[str, GlobalModule] = {}
+        for name in updates[0].modules:
+            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            ranks = torch.tensor([A.shape[0] for _, A in pairs])
+            r_max = int(ranks.max())
+            d_out, d_in = pairs[0][0].shape[0], pairs[0][1].shape[1]
+            B = torch.zeros(d_out, r_max, dtype=self.dtype)
+            A = torch.zeros(r_max, d_in, dtype=self.dtype)
+            col_weight = torch.zeros(r_max, dtype=self.dtype)
+            for w, (sB, Ak) in zip(p, pairs):
+                r = Ak.shape[0]
+                B[:, :r] += w * sB
+                A[:r] += w * Ak
+                col_weight[:r] += w
+            B /= col_weight  # every column j <= r_max has at least one owner, so no zero division
+            A /= col_weight[:, None]
+            if self.redistribute == "svd":
+                svd = svd_of_product(B, A)
+                adapter[name] = GlobalModule(A=svd.Vh, B=svd.U * svd.S, spectrum=svd.S)
+            else:
+                adapter[name] = GlobalModule(A=A, B=B)
+        return self._state(round, adapter, updates, p, redistribute=self.redistribute)

@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
 STAMP := $(VENV)/.flexlora-installed
 
 .PHONY: test demo venv bench-quick clean

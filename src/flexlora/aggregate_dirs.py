@@ -1,0 +1,115 @@
+"""Aggregate PEFT adapter directories trained anywhere (the ``flexlora aggregate`` command).
+
+All outputs are written into a temporary sibling folder that is renamed to ``out`` only when
+everything succeeded, so a failure leaves nothing partial behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.methods import get_method
+from flexlora.peft_io import AdapterError, read_adapter, write_adapter
+from flexlora.update import LoraFactors, ModuleSpec, UpdateError, normalise_weights
+from flexlora.validate import validate_update
+
+
+def aggregate_adapter_dirs(
+    inputs: Sequence[str | os.PathLike],
+    method_name: str,
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    method_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Read adapters, aggregate, write each input's share under ``out/<input name>/``,
+    the global update under ``out/global/`` and ``out/report.json``. Returns the report."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UpdateError(f"{out}: output folder exists and is not empty (choose a new one or pass --overwrite)")
+    if not inputs:
+        raise UpdateError("no adapter directories given")
+    paths = [Path(p) for p in inputs]
+    names = [p.resolve().name for p in paths]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UpdateError(f"two inputs share the folder name {dupes[0]!r}; outputs are named after it, so rename one")
+    if "global" in names or "report.json" in names:
+        raise UpdateError("an input folder may not be named 'global' or 'report.json' (reserved output names)")
+
+    adapters = [read_adapter(p) for p in paths]
+    t_read = time.perf_counter()
+    base_models = {a.base_model for a in adapters if a.base_model}
+    if len(base_models) > 1:
+        by = {a.base_model: a.path for a in adapters if a.base_model}
+        first, second = list(by.items())[:2]
+        raise AdapterError(
+            f"{second[1] / 'adapter_config.json'}: base model {second[0]!r} differs from {first[0]!r} of {first[1]}"
+        )
+    p = [1.0] * len(adapters) if weights is None else list(weights)
+    p = normalise_weights(p, [a.to_update() for a in adapters])
+    updates = [a.to_update(client_id=name, num_examples=1) for a, name in zip(adapters, names)]
+    reference = {n: (f.d_out, f.d_in) for n, f in updates[0].modules.items()}
+    for a, u in zip(adapters, updates):
+        problems = validate_update(u, reference)
+        if problems:
+            raise AdapterError(f"{a.path / 'adapter_model.safetensors'}: {problems[0]}")
+
+    options = dict(method_options or {})
+    method = get_method(method_name, **options)
+    method.check_specs([a.specs for a in adapters])
+    state = method.aggregate(updates, weights=p)
+    t_agg = time.perf_counter()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for a, name in zip(adapters, names):
+            share = method.share_for(state, a.specs)
+            write_adapter(tmp / name, share, a.specs, template=a.config, dtype=a.dtype)
+        global_modules = state.base_delta if state.base_delta is not None else state.adapter
+        g_specs = {n: ModuleSpec(rank=gm.rank, alpha=float(gm.rank)) for n, gm in global_modules.items() if gm.rank > 0}
+        g_factors = {n: LoraFactors(A=gm.A, B=gm.B, scale=1.0) for n, gm in global_modules.items() if gm.rank > 0}
+        if g_factors:
+            write_adapter(tmp / "global", g_factors, g_specs, template=adapters[0].config, dtype=adapters[0].dtype, use_rslora=False)
+        t_write = time.perf_counter()
+        share_ranks = {n: sorted({a.specs[n].rank for a in adapters}) for n in adapters[0].specs}
+        diag = aggregation_report(state, updates, p, share_ranks)
+        report = {
+            "method": method.name,
+            "paper": method.paper,
+            "options": {k: str(v) for k, v in options.items()},
+            "inputs": [str(x) for x in paths],
+            "weights": dict(zip(names, p)),
+            "base_model": base_models.pop() if base_models else None,
+            "merge_into_base": bool(state.info.get("merge_into_base", False)),
+            "global_adapter": "global/" if g_factors else None,
+            "summary": summarise(diag),
+            "modules": diag,
+            "svd_paths": state.info.get("svd_paths"),
+            "timings_s": {
+                "read": t_read - t0,
+                "aggregate": t_agg - t_read,
+                "write": t_write - t_agg,
+                "diagnostics": time.perf_counter() - t_write,
+            },
+            "torch": torch.__version__,
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

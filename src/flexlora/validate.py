@@ -1,0 +1,106 @@
+"""Validation of client updates before aggregation: the server trusts no client.
+
+The same checks run in the simulator, in ``flexlora aggregate`` and in the Flower app. Each
+check returns reasons (strings naming the module), so a round can drop the bad update, record
+why, and aggregate the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from flexlora.lowrank import factored_fro_norm
+from flexlora.update import AdapterSpec, ClientUpdate
+
+ALLOWED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """``norm_factor``: reject an update whose norm exceeds this multiple of the round's median
+    (None disables the check); ``max_rank``: the largest rank any client may declare."""
+
+    norm_factor: float | None = 100.0
+    max_rank: int | None = None
+    min_examples: int = 1
+
+
+def validate_update(
+    update: ClientUpdate,
+    shapes: Mapping[str, tuple[int, int]],
+    expected: AdapterSpec | None = None,
+    config: ValidationConfig = ValidationConfig(),
+) -> list[str]:
+    """Reasons why ``update`` must not be aggregated (empty when it is fine).
+
+    ``shapes`` are the base model's (d_out, d_in) per module; ``expected`` the client's declared
+    per-module ranks and alphas, when the server knows them.
+    """
+    problems: list[str] = []
+    if not isinstance(update.num_examples, int) or update.num_examples < config.min_examples:
+        problems.append(f"num_examples must be an integer >= {config.min_examples}, got {update.num_examples!r}")
+    names = set(update.modules)
+    missing, extra = sorted(set(shapes) - names), sorted(names - set(shapes))
+    if missing:
+        problems.append(f"missing modules {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unexpected modules {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for name in sorted(names & set(shapes)):
+        f = update.modules[name]
+        d_out, d_in = shapes[name]
+        for label, t in (("lora_A", f.A), ("lora_B", f.B)):
+            if t.dtype not in ALLOWED_DTYPES:
+                problems.append(f"module {name}: {label} has dtype {t.dtype}")
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"module {name}: {label} contains NaN or Inf")
+        if (f.d_out, f.d_in) != (d_out, d_in):
+            problems.append(f"module {name}: layer shape {(f.d_out, f.d_in)} does not match the base model's {(d_out, d_in)}")
+        if config.max_rank is not None and f.rank > config.max_rank:
+            problems.append(f"module {name}: rank {f.rank} exceeds the maximum {config.max_rank}")
+        if expected is not None and name in expected:
+            want = expected[name]
+            if f.rank != want.rank:
+                problems.append(f"module {name}: rank {f.rank} differs from the declared rank {want.rank}")
+            elif not math.isclose(f.scale, want.scale, rel_tol=1e-6):
+                problems.append(f"module {name}: scale {f.scale:.6g} differs from the declared alpha/r {want.scale:.6g}")
+    return problems
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """Frobenius norm of the whole effective update, sqrt(sum over modules ||s B A||^2)."""
+    total = 0.0
+    for f in update.modules.values():
+        total += (f.scale * factored_fro_norm(f.B.double(), f.A.double())) ** 2
+    return math.sqrt(total)
+
+
+def screen_updates(
+    updates: Sequence[ClientUpdate],
+    shapes: Mapping[str, tuple[int, int]],
+    expected: Mapping[str, AdapterSpec] | None = None,
+    config: ValidationConfig = ValidationConfig(),
+) -> tuple[list[ClientUpdate], dict[str, list[str]]]:
+    """Split a round's updates into the accepted ones and ``{client_id: reasons}`` for the rejected."""
+    rejected: dict[str, list[str]] = {}
+    passed: list[ClientUpdate] = []
+    for u in updates:
+        problems = validate_update(u, shapes, (expected or {}).get(u.client_id), config)
+        if problems:
+            rejected[u.client_id] = problems
+        else:
+            passed.append(u)
+    if config.norm_factor is not None and len(passed) >= 3:
+        norms = {u.client_id: update_norm(u) for u in passed}
+        median = statistics.median(norms.values())
+        if median > 0:
+            bound = config.norm_factor * median
+            for u in list(passed):
+                if norms[u.client_id] > bound:
+                    rejected[u.client_id] = [f"update norm {norms[u.client_id]:.4g} exceeds {config.norm_factor:g} x the round median {median:.4g}"]
+                    passed.remove(u)
+    return passed, rejected

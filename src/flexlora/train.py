@@ -1,0 +1,279 @@
+"""One client's local training: attach an adapter at its own ranks, load its share, train, extract.
+
+One base model stays in memory for the whole run. For every selected client a PEFT LoRA
+adapter is injected with the client's per-module ranks (``rank_pattern``), initialised from
+its share of the global state, trained, read back as plain factors, and removed again
+(``unload``), so memory does not grow with the number of clients.
+
+The loop is deliberately plain (nanoGPT-style): length-bucketed batches with dynamic
+padding, loss over the labelled tokens only, and the 49k-vocabulary output layer applied
+only at those positions, which is where most CPU time would otherwise go.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from flexlora.data.prompts import Template, encode_for_training
+from flexlora.data.types import ClientData
+from flexlora.methods.hetlora import self_pruning_penalty
+from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
+
+ADAPTER = "default"
+
+
+@dataclass
+class TrainConfig:
+    """Local training. ``optimizer``: "adamw" (FedIT) or "sgd" (FedAvg); the step count is
+    ``local_epochs`` over the client's data unless ``max_steps`` caps it."""
+
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    local_epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 320
+    train_on_inputs: bool = True  # the paper's choice: loss over the whole sequence
+    template: Template = "alpaca"
+    lora_dropout: float = 0.05
+    grad_clip: float | None = 1.0
+    max_examples: int | None = None  # use at most this many of a client's training examples
+    hetlora_lambda: float = 0.0  # > 0 adds HetLoRA's self-pruning regulariser
+    hetlora_gamma: float = 0.99
+    freeze_A: bool = False  # FFA-LoRA trains B only
+
+
+@dataclass
+class TrainResult:
+    update: ClientUpdate
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenize_client(tokenizer, client: ClientData, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
+    examples = client.train if cfg.max_examples is None else client.train[: cfg.max_examples]
+    return [encode_for_training(tokenizer, ex, cfg.template, cfg.max_length, cfg.train_on_inputs) for ex in examples]
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, bucket_factor: int = 8) -> list[list[int]]:
+    """Shuffle, then sort within windows of ``bucket_factor`` batches so batches hold similar
+    lengths (less padding), then shuffle the batches. Every index appears exactly once."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * bucket_factor
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a batch to its own longest sequence (dynamic padding)."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _decoder_and_head(model):
+    """(decoder, lm_head) of a causal LM (PEFT-wrapped or not), or None if the layout is unknown."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
+    if head is None or decoder is None or getattr(inner.config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
+def labelled_token_loss(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions, and their count.
+
+    Runs the decoder, then the output layer only on positions whose next token is labelled.
+    Falls back to the model's full logits for architectures it does not recognise.
+    """
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    count = int(keep.sum())
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), count
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
+    logits = head(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"), count
+
+
+class LocalTrainer:
+    """Trains clients one at a time on one shared base model."""
+
+    def __init__(self, model, tokenizer, target_leaves: Sequence[str], cfg: TrainConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.target_leaves = list(target_leaves)
+        self.cfg = cfg
+        if cfg.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+
+    # -- adapter life cycle --------------------------------------------------------------------
+    def attach(self, spec: Mapping[str, ModuleSpec]):
+        """Inject a LoRA adapter with per-module ranks; returns the PeftModel."""
+        from peft import LoraConfig, get_peft_model
+
+        ranks = {name: s.rank for name, s in spec.items()}
+        alphas = {name: s.alpha for name, s in spec.items()}
+        r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+        a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+        config = LoraConfig(
+            r=r0,
+            lora_alpha=a0,
+            rank_pattern={re_exact(n): r for n, r in ranks.items() if r != r0},
+            alpha_pattern={re_exact(n): a for n, a in alphas.items() if a != a0},
+            target_modules=sorted(spec),
+            lora_dropout=self.cfg.lora_dropout,
+            bias="none",
+            use_rslora=any(s.rslora for s in spec.values()),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(self.model, config)
+
+    @staticmethod
+    def load_share(peft_model, share: Mapping[str, LoraFactors]) -> None:
+        base = peft_model.get_base_model()
+        with torch.no_grad():
+            for name, f in share.items():
+                layer = base.get_submodule(name)
+                A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                if tuple(A.shape) != tuple(f.A.shape) or tuple(B.shape) != tuple(f.B.shape):
+                    raise ValueError(f"module {name}: adapter is A{tuple(A.shape)} B{tuple(B.shape)} but the share is A{tuple(f.A.shape)} B{tuple(f.B.shape)}")
+                if not math.isclose(float(layer.scaling[ADAPTER]), f.scale, rel_tol=1e-6):
+                    raise ValueError(f"module {name}: adapter scale {layer.scaling[ADAPTER]} != share scale {f.scale}")
+                A.copy_(f.A)
+                B.copy_(f.B)
+
+    @staticmethod
+    def extract(peft_model, names: Sequence[str]) -> dict[str, LoraFactors]:
+        base = peft_model.get_base_model()
+        out = {}
+        for name in names:
+            layer = base.get_submodule(name)
+            out[name] = LoraFactors(
+                A=layer.lora_A[ADAPTER].weight.detach().float().clone(),
+                B=layer.lora_B[ADAPTER].weight.detach().float().clone(),
+                scale=float(layer.scaling[ADAPTER]),
+            )
+        return out
+
+    def detach(self, peft_model) -> None:
+        """Remove the adapter layers, leaving the base model exactly as it was."""
+        self.model = peft_model.unload()
+
+    # -- training ---------------------------------------------------------------------------------
+    def train_client(self, client: ClientData, spec: Mapping[str, ModuleSpec], share: Mapping[str, LoraFactors], seed: int) -> TrainResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        data = tokenize_client(self.tokenizer, client, cfg)
+        if not data:
+            raise ValueError(f"client {client.client_id} has no training examples")
+        peft_model = self.attach(spec)
+        try:
+            self.load_share(peft_model, share)
+            params_A, params_B, pairs = [], [], []
+            base = peft_model.get_base_model()
+            for name in spec:
+                layer = base.get_submodule(name)
+                A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                A.requires_grad_(not cfg.freeze_A)
+                (params_A if not cfg.freeze_A else []).append(A)
+                params_B.append(B)
+                pairs.append((A, B))
+            params = params_A + params_B
+            if cfg.optimizer == "adamw":
+                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            else:
+                opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
+            total_steps = max(1, math.ceil(cfg.local_epochs * steps_per_epoch))
+            if cfg.max_steps is not None:
+                total_steps = min(total_steps, cfg.max_steps)
+            peft_model.train()
+            losses: list[float] = []
+            tokens = padded = 0
+            batches: list[list[int]] = []
+            step = 0
+            while step < total_steps:
+                opt.zero_grad(set_to_none=True)
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    if not batches:
+                        batches = length_bucketed_batches([len(ids) for ids, _ in data], cfg.batch_size, rng)
+                    micro.append(collate([data[i] for i in batches.pop()], self.tokenizer.pad_token_id))
+                n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                step_loss = 0.0
+                for b in micro:
+                    loss_sum, _ = labelled_token_loss(peft_model, b)
+                    loss = loss_sum / max(1, n_labelled)
+                    if cfg.hetlora_lambda > 0:
+                        loss = loss + cfg.hetlora_lambda / len(micro) * sum(self_pruning_penalty(A, B, cfg.hetlora_gamma) for A, B in pairs)
+                    loss.backward()
+                    step_loss += float(loss_sum.detach()) / max(1, n_labelled)
+                    tokens += int(b["attention_mask"].sum())
+                    padded += b["input_ids"].numel()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                losses.append(step_loss)
+                step += 1
+            peft_model.eval()
+            factors = self.extract(peft_model, list(spec))
+        finally:
+            self.detach(peft_model)
+        seconds = time.perf_counter() - t0
+        update = ClientUpdate(client_id=str(client.client_id), num_examples=client.num_examples, modules=factors)
+        metrics = {
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "loss_mean": sum(losses) / len(losses),
+            "steps": len(losses),
+            "tokens": tokens,
+            "padding_fraction": 1 - tokens / max(1, padded),
+            "seconds": seconds,
+            "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        }
+        return TrainResult(update=update, metrics=metrics)
+
+
+def re_exact(name: str) -> str:
+    """A PEFT pattern key that matches exactly this module (PEFT treats the keys as regexes)."""
+    import re
+
+    return re.escape(name)
+
+
+def apply_dense_delta(model, deltas: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> None:
+    """Set ``W = W_original + delta`` for each named linear layer (FLoRA merges; evaluation merges)."""
+    with torch.no_grad():
+        for name, original in originals.items():
+            weight = model.get_submodule(name).weight
+            if name in deltas:
+                weight.copy_((original.to(deltas[name].dtype) + deltas[name]).to(weight.dtype))
+            else:
+                weight.copy_(original)

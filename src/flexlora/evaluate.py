@@ -319,7 +319,8 @@ def teacher_forced(
     ``full_logits=True`` forces the plain ``model(...).logits`` path (also the fallback for model
     families not known to have a plain linear head)."""
     encoded = [_tf_encode(tokenizer, ex, cfg) for ex in examples]
-    pad = _pad_id(tokenizer, _eos_ids(model, tokenizer))
+    # Right padding is masked and never a label, so any id will do.
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = _device(model)
     parts = None if full_logits else _plain_head_parts(model)
     results: list[dict[str, Any]] = [{} for _ in examples]
@@ -444,6 +445,7 @@ def evaluate_clients(
             "n_examples": len(exs),
             "rouge_l": sum(scores[j] for j in idx) / len(idx) if idx else None,
             "weight": client.num_examples,
+            "heldout": client.heldout,
         }
         if tf is not None and cfg.teacher_forced:
             row["proxy_teacher_forced_rouge_l"] = sum(tf[j]["rouge_l"] for j in idx) / len(idx) if idx else None

@@ -23,6 +23,7 @@ Errors follow :mod:`flexlora.data.ni`: DataError naming ``file:line`` (JSONL) or
 from __future__ import annotations
 
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,7 +80,7 @@ def _raw_items(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
     """(location prefix, parsed object) for each record of a JSON list or JSONL file."""
     try:
         as_list = _is_json_list(path)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         problems.report(path, f"{path}: unreadable or corrupt file ({type(e).__name__}: {e})")
         return
     if as_list:

@@ -369,9 +369,7 @@ def infer_train_size(n_eval_full: int, n_test_full: int) -> int | None:
     return best
 
 
-def _official_file(
-    path: Path, split: str, problems: _Problems, category: list[str | None]
-) -> list[Example] | None:
+def _official_file(path: Path, problems: _Problems, category: list[str | None]) -> list[Example] | None:
     """Examples of one local_*_i.json file; None if the file is unusable (skipped).
 
     ``category`` is a one-item cell shared by a client's files: the first record sets it, and a
@@ -433,7 +431,7 @@ def _load_official(
                 flags.append(flag)
                 splits[split] = []
                 continue
-            examples = _official_file(files[split], split, problems, category)
+            examples = _official_file(files[split], problems, category)
             if examples is None:  # unreadable file, skipped: drop the whole client
                 usable = False
                 break

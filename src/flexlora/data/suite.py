@@ -21,8 +21,8 @@ one marked ** is held out second when ``heldout_tasks`` > 8):
 Held-out tasks are chosen by rounds from the end of each category's list, categories in the order
 above (``heldout_tasks=3`` holds out spell_backwards, last_word, count_vowels); every category keeps
 at least one training task. Training clients cycle through the remaining tasks round-robin across
-categories (client 0: uppercase, client 1: first_word, ...), so any 8 consecutive clients span all
-categories when no more than 1 task per category is held out; with more clients than tasks,
+categories (client 0: uppercase, client 1: first_word, ...), so the first 8 clients span all
+categories; with more clients than tasks,
 several clients share a task with different random instances. Each client's instances come from
 its own ``random.Random`` seeded by (seed, client id, task), and its eval inputs never occur in its
 training inputs. Client ``flags`` carry the task name as ``"task:<name>"``.
@@ -60,11 +60,11 @@ _ANIMALS = (
     "penguin duck goose swan frog snake turtle lizard spider bee ant"
 ).split()
 _COLOURS = (
-    "red blue green yellow purple pink brown black white gray violet indigo cyan magenta beige maroon navy teal "
+    "red blue green yellow purple pink brown black white gray violet indigo cyan magenta beige maroon navy "
     "turquoise crimson scarlet"
 ).split()
 _FRUITS = (
-    "apple banana grape mango pear melon kiwi lemon papaya coconut apricot pineapple watermelon strawberry "
+    "apple banana grape mango pear melon lemon papaya coconut pineapple watermelon strawberry "
     "blueberry raspberry guava lychee"
 ).split()
 _OBJECTS = (
@@ -114,20 +114,27 @@ _ANTONYM_PAIRS = (
 )  # fmt: skip
 _ANTONYMS = {a: b for pair in _ANTONYM_PAIRS for a, b in (pair.split(), pair.split()[::-1])}
 _COMPARATIVES = {
-    **{w: w + "er" for w in "small tall fast slow cold young old strong warm cheap loud quiet dark bright long short deep clean rich poor soft hard kind calm".split()},
+    **{w: w + "er" for w in (
+        "small tall fast slow cold young old strong warm cheap loud quiet dark bright long short deep clean rich poor soft "
+        "hard kind calm"
+    ).split()},
     **{w: w + "r" for w in "nice large safe wide brave simple late".split()},
     **{w: w[:-1] + "ier" for w in "happy easy busy funny heavy early tiny angry".split()},
     "big": "bigger", "hot": "hotter", "thin": "thinner", "wet": "wetter", "sad": "sadder",
     "good": "better", "bad": "worse", "far": "farther",
     **{w: "more " + w for w in "beautiful careful expensive famous difficult important interesting dangerous".split()},
 }  # fmt: skip
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _JSON_VALUES = {
     "name": ("Alice", "Bob", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas"),
     "city": ("Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Rome", "Delhi", "Quito", "Seoul", "Berlin"),
-    "color": tuple(c.capitalize() for c in _COLOURS[:10]),
-    "animal": tuple(a.capitalize() for a in _ANIMALS[:10]),
+    "color": tuple(c.capitalize() for c in _COLOURS),
+    "animal": tuple(a.capitalize() for a in _ANIMALS),
+    "fruit": tuple(f.capitalize() for f in _FRUITS),
     "food": ("Pizza", "Rice", "Soup", "Bread", "Salad", "Pasta", "Tacos", "Curry", "Noodles", "Cheese"),
     "country": ("Chile", "Kenya", "Spain", "Japan", "Peru", "Norway", "Egypt", "India", "Canada", "Brazil"),
 }
@@ -221,7 +228,7 @@ def _g_sort_words(rng: random.Random) -> tuple[str, str]:
 
 
 def _g_count_words(rng: random.Random) -> tuple[str, str]:
-    ws = _words(rng, 2, 9)
+    ws = _words(rng, 2, 7)
     return " ".join(ws), str(len(ws))
 
 
@@ -262,7 +269,7 @@ def _g_larger(rng: random.Random) -> tuple[str, str]:
 
 
 def _g_double(rng: random.Random) -> tuple[str, str]:
-    a = rng.randint(1, 60)
+    a = rng.randint(1, 99)
     return str(a), str(2 * a)
 
 
@@ -503,9 +510,10 @@ def make_suite(
 
     ``heldout_tasks`` defaults to one per category (8). Deterministic for a seed.
     """
-    for name, value, lo in (("num_train_clients", num_train_clients, 1), ("examples_per_client", examples_per_client, 1), ("eval_per_client", eval_per_client, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    sizes_in = {"num_train_clients": num_train_clients, "examples_per_client": examples_per_client, "eval_per_client": eval_per_client}
+    for name, value in sizes_in.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     train_tasks, held_tasks = split_tasks(heldout_tasks)
     sizes = _sizes(num_train_clients, examples_per_client, random.Random(f"flexlora-suite-sizes:{seed}"))
     plan = [(train_tasks[i % len(train_tasks)], sizes[i], False) for i in range(num_train_clients)]

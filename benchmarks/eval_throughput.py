@@ -58,18 +58,45 @@ def load_smollm2() -> tuple[torch.nn.Module, object]:
     return model, tokenizer
 
 
-def measure(model, tokenizer, examples: list[Example], cfg: EvalConfig) -> tuple[dict, list[str]]:
-    start = time.perf_counter()
-    texts, counts = generate_with_counts(model, tokenizer, examples, cfg)
-    seconds = time.perf_counter() - start
-    tokens = sum(counts)
+def _rates(tokens: int, wall: float, cpu: float, n: int, batch_size: int) -> dict:
     return {
-        "batch_size": cfg.batch_size,
-        "seconds": round(seconds, 3),
+        "batch_size": batch_size,
+        "seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
         "generated_tokens": tokens,
-        "tokens_per_second": round(tokens / seconds, 2),
-        "examples_per_second": round(len(examples) / seconds, 3),
-    }, texts
+        "tokens_per_second": round(tokens / wall, 2),
+        "tokens_per_cpu_second": round(tokens / cpu, 2),
+        "examples_per_second": round(n / wall, 3),
+    }
+
+
+def measure_interleaved(model, tokenizer, examples: list[Example], batched_cfg: EvalConfig, single_cfg: EvalConfig):
+    """Both modes on the same length-sorted groups of ``batch_size`` prompts, alternating which goes
+    first: on a shared machine the load drifts, and back-to-back phases would see different loads.
+    A group of ``batch_size`` prompts is exactly one batch of the batched run."""
+    lengths = [len(p) for p in encode_prompts(tokenizer, examples, batched_cfg)]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    groups = [order[i : i + batched_cfg.batch_size] for i in range(0, len(order), batched_cfg.batch_size)]
+    totals = {"batched": [0, 0.0, 0.0], "single": [0, 0.0, 0.0]}
+    texts = {"batched": [""] * len(examples), "single": [""] * len(examples)}
+    for k, group in enumerate(groups):
+        modes = [("batched", batched_cfg), ("single", single_cfg)]
+        for name, cfg in modes if k % 2 == 0 else modes[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            out, counts = generate_with_counts(model, tokenizer, [examples[i] for i in group], cfg)
+            totals[name][1] += time.perf_counter() - wall
+            totals[name][2] += time.process_time() - cpu
+            totals[name][0] += sum(counts)
+            for i, text in zip(group, out):
+                texts[name][i] = text
+            print(f"  group {k + 1}/{len(groups)} {name}: {sum(counts)} tokens in {time.perf_counter() - wall:.1f} s", flush=True)
+    n = len(examples)
+    return (
+        _rates(*totals["batched"], n, batched_cfg.batch_size),
+        _rates(*totals["single"], n, 1),
+        texts["batched"],
+        texts["single"],
+    )
 
 
 def main() -> None:
@@ -97,13 +124,14 @@ def main() -> None:
     lengths = [len(p) for p in encode_prompts(tokenizer, examples, batched_cfg)]
 
     generate_with_counts(model, tokenizer, examples[:2], EvalConfig(batch_size=2, template=args.template, max_new_tokens=2))  # warm-up
-    batched, batched_texts = measure(model, tokenizer, examples, batched_cfg)
-    print(f"batched (batch_size={args.batch_size}): {batched['tokens_per_second']:.1f} tok/s ({batched['generated_tokens']} tokens, {batched['seconds']:.1f} s)")
-    single, single_texts = measure(model, tokenizer, examples, single_cfg)
-    print(f"one at a time:        {single['tokens_per_second']:.1f} tok/s ({single['generated_tokens']} tokens, {single['seconds']:.1f} s)")
+    batched, single, batched_texts, single_texts = measure_interleaved(model, tokenizer, examples, batched_cfg, single_cfg)
+    for name, r in (("batched (batch_size=%d)" % args.batch_size, batched), ("one at a time", single)):
+        print(f"{name:24s} {r['tokens_per_second']:6.1f} tok/s wall, {r['tokens_per_cpu_second']:6.1f} tok/CPU-s "
+              f"({r['generated_tokens']} tokens, {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU)")
     ratio = batched["tokens_per_second"] / single["tokens_per_second"]
     identical = sum(a == b for a, b in zip(batched_texts, single_texts))
-    print(f"speed-up: {ratio:.2f}x; identical outputs: {identical}/{len(examples)}")
+    cpu_ratio = batched["tokens_per_cpu_second"] / single["tokens_per_cpu_second"]
+    print(f"speed-up: {ratio:.2f}x wall-clock, {cpu_ratio:.2f}x per CPU-second; identical outputs: {identical}/{len(examples)}")
 
     result = {
         "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantised to float32)",
@@ -116,6 +144,9 @@ def main() -> None:
         "batched": batched,
         "one_at_a_time": single,
         "speedup_tokens_per_second": round(ratio, 3),
+        "speedup_tokens_per_cpu_second": round(cpu_ratio, 3),
+        "method": "interleaved by length-sorted group of batch_size prompts, order alternating; greedy, KV cache",
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "identical_outputs": identical,
         "model_load_seconds": round(load_seconds, 2),
         "torch_threads": torch.get_num_threads(),

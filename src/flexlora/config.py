@@ -98,7 +98,8 @@ class FailureConfig:
 @dataclass
 class RunEvalConfig(EvalConfig):
     """Evaluation inside a run: every ``every`` rounds (0 = only at the end), before training
-    (the base model's line) if ``at_start``, on the first ``clients`` held-out clients."""
+    (the base model's line) if ``at_start``, on ``clients`` held-out clients (all of them when
+    there are no more; otherwise a fixed random subset drawn with seed 0, the same for every run)."""
 
     every: int = 0
     at_start: bool = True

@@ -88,6 +88,8 @@ class Simulation:
             model, tokenizer = load_model(cfg.model)
         self.model, self.tokenizer = model, tokenizer
         self.clients = clients if clients is not None else load_clients(cfg)
+        if cfg.federation.algorithm == "slora":
+            raise ConfigError("federation.algorithm = 'slora' is not implemented in this version (see the SLoRA issue); use fedit or fedavg")
         self.fed = self._federation()
         self.method = self._method()
         self.method.check_specs(list(self.fed.specs.values()))
@@ -102,7 +104,7 @@ class Simulation:
     def _federation(self) -> Federation:
         cfg = self.cfg
         train = [c for c in self.clients if not c.heldout and c.train]
-        heldout = [c for c in self.clients if c.heldout and c.eval]
+        heldout = sorted((c for c in self.clients if c.heldout and c.eval), key=lambda c: c.client_id)
         if not train:
             raise ConfigError("the data has no training clients (every client is held out or empty)")
         assert not {c.client_id for c in train} & {c.client_id for c in heldout}
@@ -118,7 +120,9 @@ class Simulation:
             except ValueError as e:
                 raise ConfigError(f"resources: {e}") from None
             notes.update(n)
-        return Federation(train, heldout[: cfg.eval.clients], shapes, types, specs, sorted(notes))
+        if len(heldout) > cfg.eval.clients:  # a fixed, spread-out subset (the same for every seed and method)
+            heldout = sorted(random.Random(0).sample(heldout, cfg.eval.clients), key=lambda c: c.client_id)
+        return Federation(train, heldout, shapes, types, specs, sorted(notes))
 
     def _method(self) -> AggregationMethod:
         fed = self.cfg.federation

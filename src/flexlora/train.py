@@ -78,6 +78,33 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random
     return batches
 
 
+def total_steps(num_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of one local training: ``local_epochs`` over the data, capped by ``max_steps``."""
+    steps = max(1, math.ceil(cfg.local_epochs * math.ceil(num_examples / (cfg.batch_size * cfg.grad_accum))))
+    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+
+
+def plan_batches(lengths: Sequence[int], cfg: TrainConfig, rng: random.Random) -> list[list[list[int]]]:
+    """Per optimizer step, its micro-batches of example indices (epochs re-shuffle via ``rng``)."""
+    plan: list[list[list[int]]] = []
+    pool: list[list[int]] = []
+    for _ in range(total_steps(len(lengths), cfg)):
+        step = []
+        for _ in range(cfg.grad_accum):
+            if not pool:
+                pool = length_bucketed_batches(lengths, cfg.batch_size, rng)
+            step.append(pool.pop())
+        plan.append(step)
+    return plan
+
+
+def planned_tokens(tokenizer, client: ClientData, cfg: TrainConfig, seed: int) -> int:
+    """The number of real (non-padding) tokens ``train_client`` will process: count before you run."""
+    data = tokenize_client(tokenizer, client, cfg)
+    rng = random.Random(seed)
+    return sum(len(data[i][0]) for step in plan_batches([len(ids) for ids, _ in data], cfg, rng) for mb in step for i in mb)
+
+
 def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a batch to its own longest sequence (dynamic padding)."""
     width = max(len(ids) for ids, _ in items)
@@ -202,7 +229,8 @@ class LocalTrainer:
                 layer = base.get_submodule(name)
                 A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
                 A.requires_grad_(not cfg.freeze_A)
-                (params_A if not cfg.freeze_A else []).append(A)
+                if not cfg.freeze_A:
+                    params_A.append(A)
                 params_B.append(B)
                 pairs.append((A, B))
             params = params_A + params_B
@@ -210,22 +238,13 @@ class LocalTrainer:
                 opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             else:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
-            total_steps = max(1, math.ceil(cfg.local_epochs * steps_per_epoch))
-            if cfg.max_steps is not None:
-                total_steps = min(total_steps, cfg.max_steps)
+            plan = plan_batches([len(ids) for ids, _ in data], cfg, rng)
             peft_model.train()
             losses: list[float] = []
             tokens = padded = 0
-            batches: list[list[int]] = []
-            step = 0
-            while step < total_steps:
+            for step_batches in plan:
                 opt.zero_grad(set_to_none=True)
-                micro = []
-                for _ in range(cfg.grad_accum):
-                    if not batches:
-                        batches = length_bucketed_batches([len(ids) for ids, _ in data], cfg.batch_size, rng)
-                    micro.append(collate([data[i] for i in batches.pop()], self.tokenizer.pad_token_id))
+                micro = [collate([data[i] for i in idx], self.tokenizer.pad_token_id) for idx in step_batches]
                 n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
                 step_loss = 0.0
                 for b in micro:
@@ -241,7 +260,6 @@ class LocalTrainer:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 losses.append(step_loss)
-                step += 1
             peft_model.eval()
             factors = self.extract(peft_model, list(spec))
         finally:

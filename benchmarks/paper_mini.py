@@ -1,0 +1,390 @@
+"""Reproduce the paper's comparison at CPU scale, run by run, resumable across sessions.
+
+SmolLM2-135M-Instruct on FlexLoRA's own Natural Instructions client split (held-out clients never
+train), the paper's resource types at their ranks (capped at each layer's width), the same
+rounds, clients per round, local steps and so (up to the clients' sequence lengths) training
+tokens for every method; generated Rouge-L on a fixed subset of held-out clients.
+
+    python benchmarks/paper_mini.py --plan            # list the runs and count their training tokens
+    python benchmarks/paper_mini.py --tier 1          # run what is missing of tier 1 (resumable)
+    python benchmarks/paper_mini.py --report          # rebuild paper_mini.md / .json / .png from finished runs
+
+Tiers: 1 = FedIT homogeneous (everyone at the smallest type's rank), HetLoRA and FlexLoRA under
+heavy-tail-strong, 3 seeds each; 2 = HetLoRA and FlexLoRA under uniform and heavy-tail-light;
+3 = FLoRA, rank-partition, FedAvg(SGD)+FlexLoRA and SLoRA+FlexLoRA under heavy-tail-strong;
+refs = the base model and a centralised LoRA (r=8) with the same number of steps and examples.
+Every finished run is written at once under benchmarks/results/paper_mini/<label>/ (summary,
+metrics, config); scratch folders with checkpoints live under runs/paper_mini/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, environment, write_json  # noqa: E402
+
+from flexlora.config import RunConfig, deep_merge, from_dict, load_config_dict, validate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "paper_mini.toml"
+OUT = RESULTS_DIR / "paper_mini"
+SCRATCH = ROOT / "runs" / "paper_mini"
+DISTS = {"uniform": "uniform", "htl": "heavy-tail-light", "hts": "heavy-tail-strong"}
+
+
+@dataclass
+class Run:
+    label: str
+    tier: str
+    row: str  # row of the table
+    column: str  # distribution column ("all" for homogeneous runs)
+    seed: int
+    changes: dict[str, Any]
+
+
+def matrix(seeds: list[int]) -> list[Run]:
+    runs: list[Run] = []
+    for seed in seeds:
+        runs.append(Run(f"fedit-homo-s{seed}", "1", "FedIT (homogeneous r=8)", "all", seed, {"federation": {"aggregation": "fedavg"}, "resources": {"distribution": "homo"}}))
+        for method, row in (("hetlora", "FedIT + HetLoRA"), ("flexlora", "FedIT + FlexLoRA")):
+            runs.append(Run(f"{method}-hts-s{seed}", "1", row, "heavy-tail-strong", seed, {"federation": {"aggregation": method}, "resources": {"distribution": "heavy-tail-strong"}}))
+    for short in ("uniform", "htl"):
+        for method, row in (("hetlora", "FedIT + HetLoRA"), ("flexlora", "FedIT + FlexLoRA")):
+            runs.append(Run(f"{method}-{short}-s0", "2", row, DISTS[short], 0, {"federation": {"aggregation": method}, "resources": {"distribution": DISTS[short]}}))
+    hts = {"resources": {"distribution": "heavy-tail-strong"}}
+    runs.append(Run("flora-hts-s0", "3", "FedIT + FLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flora"}})))
+    runs.append(Run("rank_partition-hts-s0", "3", "FedIT + rank-partition", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "rank_partition"}})))
+    runs.append(
+        Run("fedavg_sgd-flexlora-hts-s0", "3", "FedAvg(SGD) + FlexLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flexlora", "algorithm": "fedavg"}, "train": {"lr": 1e-2}}))
+    )
+    runs.append(
+        Run("fedavg_sgd-homo-s0", "3", "FedAvg(SGD) (homogeneous r=8)", "all", 0, {"federation": {"aggregation": "fedavg", "algorithm": "fedavg"}, "resources": {"distribution": "homo"}, "train": {"lr": 1e-2}})
+    )
+    runs.append(Run("slora-flexlora-hts-s0", "3", "SLoRA + FlexLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flexlora", "algorithm": "slora"}})))
+    return runs
+
+
+def build_config(base: dict[str, Any], run: Run, data_path: str | None) -> RunConfig:
+    data = deep_merge(base, run.changes)
+    data = deep_merge(data, {"federation": {"seed": run.seed}, "name": run.label})
+    if data_path:
+        data = deep_merge(data, {"data": {"path": data_path}})
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def finished(label: str) -> dict[str, Any] | None:
+    path = OUT / label / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def publish(label: str, scratch: Path, extra: dict[str, Any]) -> None:
+    """Copy a finished run's small files into the committed results folder."""
+    dest = OUT / label
+    tmp = OUT / f".{label}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.json"):
+        if (scratch / name).exists():
+            shutil.copy2(scratch / name, tmp / name)
+    summary = json.loads((scratch / "summary.json").read_text()) if (scratch / "summary.json").exists() else {}
+    summary.update(extra)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+# -- token planning -----------------------------------------------------------------------------
+def plan_tokens(cfg: RunConfig, clients, tokenizer) -> int:
+    from flexlora.simulate import Simulation, derived_seed
+    from flexlora.train import planned_tokens
+
+    sim = Simulation.__new__(Simulation)  # sampling only: no model needed
+    sim.cfg = cfg
+    train = [c for c in clients if not c.heldout and c.train]
+    sim.fed = type("F", (), {"train_clients": train})()
+    total = 0
+    for rnd in range(1, cfg.federation.rounds + 1):
+        for c in Simulation.sample(sim, rnd):
+            total += planned_tokens(tokenizer, c, cfg.train, derived_seed(cfg.federation.seed, "train", rnd, c.client_id))
+    return total
+
+
+# -- references ---------------------------------------------------------------------------------
+def centralised_client(cfg: RunConfig, clients):
+    """One pooled client holding as many examples as the federated runs see, drawn uniformly."""
+    from flexlora.data.types import ClientData
+
+    n = cfg.federation.rounds * cfg.federation.clients_per_round * cfg.train.max_steps * cfg.train.batch_size
+    pool = [ex for c in clients if not c.heldout for ex in c.train]
+    sample = random.Random(0).sample(pool, n)
+    return ClientData(client_id=-1, category="pooled", train=sample, eval=[], num_train_full=len(sample))
+
+
+def run_centralised(base: dict[str, Any], model, tokenizer, clients, data_path) -> None:
+    from flexlora.simulate import Simulation
+
+    label = "centralised-r8"
+    cfg0 = build_config(base, Run(label, "ref", "", "", 0, {}), data_path)
+    steps = cfg0.federation.rounds * cfg0.federation.clients_per_round * cfg0.train.max_steps
+    changes = {"federation": {"aggregation": "fedavg", "rounds": 1, "clients_per_round": 1}, "resources": {"distribution": "homo"}, "train": {"max_steps": steps}, "eval": {"every": 0}}
+    cfg = build_config(base, Run(label, "ref", "Centralised LoRA r=8", "all", 0, changes), data_path)
+    pooled = centralised_client(cfg0, clients)
+    scratch = SCRATCH / label
+    t0 = time.time()
+    summary = Simulation(cfg, scratch, model=model, tokenizer=tokenizer, clients=[pooled] + [c for c in clients if c.heldout], progress=True).run(resume=True)
+    publish(label, scratch, {"tier": "ref", "row": "Centralised LoRA r=8 (same steps and examples)", "column": "all", "seed": 0, "wall_seconds": time.time() - t0})
+    del summary
+
+
+def run_base_eval(base: dict[str, Any], model, tokenizer, clients, data_path) -> None:
+    from flexlora.evaluate import EvalConfig, evaluate_clients
+    from flexlora.simulate import Simulation
+
+    cfg = build_config(base, Run("base", "ref", "", "", 0, {}), data_path)
+    sim = Simulation(cfg, SCRATCH / "base", model=model, tokenizer=tokenizer, clients=clients, progress=True)
+    ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
+    t0 = time.time()
+    result = evaluate_clients(model, tokenizer, sim.fed.eval_clients, ecfg, progress=True).to_dict()
+    OUT.mkdir(parents=True, exist_ok=True)
+    dest = OUT / "base"
+    dest.mkdir(exist_ok=True)
+    summary = {
+        "name": "base", "tier": "ref", "row": "Base model (no fine-tuning)", "column": "all", "seed": 0,
+        "rouge_l_weighted": result["rouge_l_weighted"], "rouge_l_mean": result["rouge_l_mean"], "wall_seconds": time.time() - t0,
+        "eval_clients": len(sim.fed.eval_clients), "tokens": 0,
+    }
+    (dest / "metrics.jsonl").write_text(json.dumps({"round": 0, "eval": result}, sort_keys=True) + "\n")
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+
+
+# -- report -------------------------------------------------------------------------------------
+def _eval_rows(label: str) -> list[dict[str, Any]]:
+    path = OUT / label / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_eval(label: str) -> dict[str, Any] | None:
+    evals = [r["eval"] for r in _eval_rows(label) if "eval" in r]
+    return evals[-1] if evals else None
+
+
+def _t_test_df(d: list[float]) -> dict[str, float] | None:
+    """Paired t-test over seeds; exact two-sided p for the small df we have (df=1: Cauchy, df=2: closed form)."""
+    n = len(d)
+    if n < 2:
+        return None
+    mean, sd = statistics.mean(d), statistics.stdev(d)
+    if sd == 0:
+        return {"n": n, "mean_diff": mean, "t": math.inf, "p_two_sided": 0.0 if mean else 1.0}
+    t = mean / (sd / math.sqrt(n))
+    df = n - 1
+    if df == 1:
+        p = 1 - 2 * math.atan(abs(t)) / math.pi
+    elif df == 2:
+        p = 1 - abs(t) / math.sqrt(t * t + 2)
+    else:  # normal approximation for larger df (report says so)
+        p = math.erfc(abs(t) / math.sqrt(2))
+    return {"n": n, "mean_diff": mean, "t": t, "p_two_sided": p, "df": df}
+
+
+def _sign_flip_test(diffs: list[float], seed: int = 0, draws: int = 20000) -> float:
+    """Two-sided paired permutation (sign-flip) test of mean difference = 0 (Monte Carlo)."""
+    if not diffs:
+        return float("nan")
+    observed = abs(sum(diffs))
+    rng = random.Random(seed)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-12 for _ in range(draws))
+    return (hits + 1) / (draws + 1)
+
+
+def significance(a_prefix: str, b_prefix: str, seeds: list[int]) -> dict[str, Any]:
+    """b - a, paired by seed (seed means) and by (seed, held-out client)."""
+    seed_diffs, client_diffs = [], []
+    for s in seeds:
+        ea, eb = _final_eval(f"{a_prefix}-s{s}"), _final_eval(f"{b_prefix}-s{s}")
+        if ea is None or eb is None:
+            continue
+        seed_diffs.append(eb["rouge_l_weighted"] - ea["rouge_l_weighted"])
+        ca = {c["client_id"]: c["rouge_l"] for c in ea["per_client"]}
+        cb = {c["client_id"]: c["rouge_l"] for c in eb["per_client"]}
+        client_diffs += [cb[k] - ca[k] for k in sorted(ca) if k in cb]
+    return {
+        "comparison": f"{b_prefix} minus {a_prefix}",
+        "seeds": len(seed_diffs),
+        "seed_diffs": seed_diffs,
+        "paired_t_over_seeds": _t_test_df(seed_diffs),
+        "client_pairs": len(client_diffs),
+        "client_mean_diff": statistics.mean(client_diffs) if client_diffs else None,
+        "sign_flip_p_over_client_pairs": _sign_flip_test(client_diffs) if client_diffs else None,
+    }
+
+
+def report(runs: list[Run], seeds: list[int]) -> None:
+    rows: dict[str, dict[str, list[float]]] = {}
+    raw: list[dict[str, Any]] = []
+    for r in runs:
+        s = finished(r.label)
+        if s is None:
+            continue
+        raw.append(s)
+        if s.get("rouge_l_weighted") is not None:
+            rows.setdefault(r.row, {}).setdefault(r.column, []).append(s["rouge_l_weighted"])
+    refs = {lab: finished(lab) for lab in ("base", "centralised-r8")}
+    columns = ["uniform", "heavy-tail-light", "heavy-tail-strong"]
+
+    def cell(vals: list[float] | None) -> str:
+        if not vals:
+            return "–"
+        if len(vals) == 1:
+            return f"{vals[0]:.2f}"
+        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n={len(vals)})"
+
+    lines = [
+        "# Paper-mini: held-out zero-shot Rouge-L (generated text, data-size weighted)",
+        "",
+        "SmolLM2-135M-Instruct on FlexLoRA's NI client split; laid out like the paper's Table 2 "
+        "(rows: base algorithm + aggregation, columns: resource distribution). Homogeneous rows do not "
+        "depend on the distribution (everyone at rank 8) and are repeated in every column. Mean ± std over seeds where there are several.",
+        "",
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for row, cols in rows.items():
+        lines.append(f"| {row} | " + " | ".join(cell(cols.get("all") or cols.get(c)) for c in columns) + " |")
+    for lab, s in refs.items():
+        if s:
+            lines.append(f"| *reference: {s.get('row', lab)}* | " + " | ".join(cell([s["rouge_l_weighted"]]) for _ in columns) + " |")
+    sig = significance("fedit-homo", "flexlora-hts", seeds), significance("hetlora-hts", "flexlora-hts", seeds)
+    lines += ["", "## Tier 1 significance (heavy-tail-strong)", ""]
+    for s in sig:
+        t = s["paired_t_over_seeds"]
+        lines.append(
+            f"- {s['comparison']}: seed differences {['%.2f' % d for d in s['seed_diffs']]}; "
+            + (f"paired t over {t['n']} seeds t = {t['t']:.2f}, p = {t['p_two_sided']:.3f}; " if t else "fewer than 2 paired seeds; ")
+            + (f"over {s['client_pairs']} (seed, client) pairs mean {s['client_mean_diff']:.2f}, sign-flip p = {s['sign_flip_p_over_client_pairs']:.3f}" if s["client_pairs"] else "")
+        )
+    lines += ["", "## Runs", "", "| run | tier | tokens | rounds | train loss | Rouge-L (weighted) | Rouge-L (mean) | teacher-forced proxy | eval loss proxy | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in raw:
+        ev = _final_eval(s["name"]) or {}
+        f = lambda x, p=2: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
+        lines.append(
+            f"| {s['name']} | {s.get('tier')} | {s.get('tokens')} | {s.get('rounds')} | {f(s.get('final_train_loss'), 3)} | {f(s.get('rouge_l_weighted'))} | {f(s.get('rouge_l_mean'))} | "
+            f"{f(ev.get('proxy_teacher_forced_rouge_l_weighted'))} | {f(ev.get('proxy_eval_loss'), 3)} | {f(s.get('wall_seconds'), 0)} |"
+        )
+    missing = [r.label for r in runs if finished(r.label) is None]
+    if missing:
+        lines += ["", f"Not yet run ({len(missing)}): " + ", ".join(missing)]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "paper_mini.md").write_text("\n".join(lines) + "\n")
+    write_json(RESULTS_DIR / "paper_mini.json", {"runs": raw, "references": refs, "significance": list(sig), "missing": missing, "environment": environment()})
+    plot(runs)
+    print("\n".join(lines))
+
+
+def plot(runs: list[Run]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        for rec in _eval_rows(r.label):
+            if "eval" in rec:
+                series.setdefault(f"{r.row} [{r.column}]", {}).setdefault(rec["round"], []).append(rec["eval"]["rouge_l_weighted"])
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(9, 5))
+    base = finished("base")
+    for name, pts in sorted(series.items()):
+        xs = sorted(pts)
+        ys = [statistics.mean(pts[x]) for x in xs]
+        if base:
+            xs, ys = [0] + xs, [base["rouge_l_weighted"]] + ys
+        ax.plot(xs, ys, marker="o", label=name)
+    cen = finished("centralised-r8")
+    if cen and cen.get("rouge_l_weighted") is not None:
+        ax.axhline(cen["rouge_l_weighted"], color="grey", ls="--", label="centralised LoRA r=8 (same steps)")
+    ax.set(xlabel="round", ylabel="Rouge-L (held-out, weighted)", title="Paper-mini: zero-shot Rouge-L per round (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / "paper_mini.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tier", default="1", help="1, 2, 3, refs, or all (comma-separated)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--only", help="run only these labels (comma-separated)")
+    ap.add_argument("--data", help="NI data path (default: the config's ../shared path)")
+    ap.add_argument("--plan", action="store_true", help="list runs and count their training tokens; train nothing")
+    ap.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = matrix(seeds)
+    tiers = set(args.tier.split(","))
+    if args.report:
+        report(runs, seeds)
+        return
+    base = load_config_dict(BASE_CONFIG)
+    path = Path(base["data"]["path"])
+    base["data"]["path"] = args.data or str(path if path.is_absolute() else (ROOT / path).resolve())
+    selected = [r for r in runs if ("all" in tiers or r.tier in tiers) and (not args.only or r.label in args.only.split(","))]
+
+    from flexlora.models import load_model
+    from flexlora.simulate import Simulation, load_clients
+
+    cfg0 = build_config(base, runs[0], None)
+    clients = load_clients(cfg0)
+    model, tokenizer = load_model(cfg0.model)
+    if args.plan:
+        for r in selected:
+            cfg = build_config(base, r, None)
+            print(f"{r.label:<32} tier {r.tier}  {plan_tokens(cfg, clients, tokenizer):>8} training tokens")
+        return
+    if "refs" in tiers or "all" in tiers:
+        if finished("base") is None:
+            run_base_eval(base, model, tokenizer, clients, None)
+        if finished("centralised-r8") is None:
+            run_centralised(base, model, tokenizer, clients, None)
+        report(runs, seeds)
+    for r in selected:
+        if finished(r.label) is not None:
+            print(f"{r.label}: done, skipped")
+            continue
+        cfg = build_config(base, r, None)
+        scratch = SCRATCH / r.label
+        t0 = time.time()
+        try:
+            sim = Simulation(cfg, scratch, model=model, tokenizer=tokenizer, clients=clients, progress=True)
+        except ValueError as e:  # e.g. an algorithm this version does not implement yet
+            print(f"{r.label}: cannot run: {e}")
+            continue
+        try:
+            sim.run(resume=True)
+        finally:
+            sim.restore_base()
+        model = sim.model
+        publish(r.label, scratch, {"tier": r.tier, "row": r.row, "column": r.column, "seed": r.seed, "wall_seconds": time.time() - t0, "planned_tokens_note": "tokens = real (non-padding) tokens processed"})
+        report(runs, seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,8 @@ Why: evaluation is dominated by greedy decoding; batching (length-sorted, left-p
 should amortise the per-step overhead over many sequences. Both runs decode the same prompts
 with the same code path (``flexlora.evaluate.generate_with_counts``), only ``batch_size`` differs,
 so the greedy outputs should be identical (up to float rounding differences under padding).
+The modes are interleaved group by group and both wall-clock and process CPU time are recorded,
+because the machine is shared and its load drifts.
 
     python benchmarks/eval_throughput.py [--quick]
 

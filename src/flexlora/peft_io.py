@@ -125,10 +125,13 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         rank = int(A.shape[0])
         if rank < 1:
             raise AdapterError(f"{w_path}, module {name}: rank 0")
-        declared = int(_pattern_value(rank_pattern, name, r_default))
+        try:
+            declared = int(_pattern_value(rank_pattern, name, r_default))
+            alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
+        except (TypeError, ValueError, re.error) as e:
+            raise AdapterError(f"{cfg_path}, module {name}: bad rank_pattern / alpha_pattern entry ({e})") from None
         if declared != rank:
             raise AdapterError(f"{cfg_path}, module {name}: config declares rank {declared} but the weights have rank {rank}")
-        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
         if not (math.isfinite(alpha) and alpha > 0):
             raise AdapterError(f"{cfg_path}, module {name}: lora_alpha must be positive, got {alpha}")
         spec = ModuleSpec(rank=rank, alpha=alpha, rslora=rslora)

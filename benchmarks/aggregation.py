@@ -161,8 +161,10 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 # ---------------------------------------------------------------------------------------------
 # profile of the factored path, step by step (mirrors flexlora.lowrank.svd_of_product)
 # ---------------------------------------------------------------------------------------------
-def profile_ours(updates: list[ClientUpdate], specs, name: str) -> dict[str, float]:
+def profile_ours(updates: list[ClientUpdate], specs, name: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-step times of one run of the chosen path, and extra timings that are not part of it."""
     t: dict[str, float] = {}
+    extra: dict[str, float] = {}
     clock = time.perf_counter
     t0 = clock()
     check_compatible(updates)
@@ -193,6 +195,11 @@ def profile_ours(updates: list[ClientUpdate], specs, name: str) -> dict[str, flo
         U = Qb @ Um[:, :k]
         Vh = Vmh[:k] @ Qa.T
         t["rotate back (Qb Um, Vm^T Qa^T)"] = clock() - t0
+        kmax = max(s[name].rank for s in specs)
+        t0 = clock()
+        Qb @ Um[:, :kmax]
+        Vmh[:kmax] @ Qa.T
+        extra[f"rotate back top-{kmax} only (not used by ours; what keep_rank could save)"] = clock() - t0
     else:
         t0 = clock()
         M = Bcat @ Acat
@@ -211,7 +218,7 @@ def profile_ours(updates: list[ClientUpdate], specs, name: str) -> dict[str, flo
         Ag[: spec.rank].contiguous()
     t["shares (slice, divide)"] = clock() - t0
     t["total"] = sum(t.values())
-    return t
+    return t, extra
 
 
 def profile_dense(updates: list[ClientUpdate], name: str) -> dict[str, float]:
@@ -308,6 +315,29 @@ def accuracy(updates, name, ranks, state, shares_ours, S_dense, shares_dense) ->
 # ---------------------------------------------------------------------------------------------
 # peak memory in fresh child processes
 # ---------------------------------------------------------------------------------------------
+def _vm_status() -> dict[str, float]:
+    """VmRSS / VmHWM of this process in MiB (Linux /proc/self/status)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _mem_child(conn, which: str, name: str, d_out: int, d_in: int, ranks, sizes, seed: int, threads: int) -> None:
     try:
         torch.set_num_threads(threads)
@@ -316,6 +346,8 @@ def _mem_child(conn, which: str, name: str, d_out: int, d_in: int, ranks, sizes,
         gc.collect()
         base = maxrss_mib()
         base_rss = current_rss_mib()
+        hwm_reset = _reset_hwm()
+        base_status = _vm_status()
         t0 = time.perf_counter()
         if which == "ours":
             out = run_ours(updates, specs)
@@ -323,17 +355,27 @@ def _mem_child(conn, which: str, name: str, d_out: int, d_in: int, ranks, sizes,
             out = run_dense(updates, name)
         dt = time.perf_counter() - t0
         peak = maxrss_mib()
+        peak_status = _vm_status()
         inputs = sum((f.A.numel() + f.B.numel()) * f.A.element_size() for u in updates for f in u.modules.values())
         del out
-        conn.send({
-            "peak_minus_baseline_mib": peak - base,
+        res = {
+            "ru_maxrss_delta_mib": peak - base,
             "baseline_maxrss_mib": base,
             "baseline_rss_mib": base_rss,
             "peak_maxrss_mib": peak,
+            # ru_maxrss survives fork+exec: a spawned child starts with the parent's RSS at spawn time as
+            # its maxrss, which can hide the child's own peak. VmHWM is per address space (fresh after exec)
+            # and is reset to the current RSS just before the path runs, so it is the clean measurement.
+            "ru_maxrss_baseline_inherited": base > base_rss + 1.0,
+            "hwm_reset": hwm_reset,
+            "vmhwm_delta_mib": (peak_status["VmHWM"] - base_status["VmRSS"]) if hwm_reset and peak_status and base_status else None,
             "inputs_mib": inputs / 2**20,
             "time_s_in_child": dt,
             "threads": torch.get_num_threads(),
-        })
+        }
+        res["peak_minus_baseline_mib"] = res["vmhwm_delta_mib"] if res["vmhwm_delta_mib"] is not None else res["ru_maxrss_delta_mib"]
+        res["method"] = "VmHWM (reset via /proc/self/clear_refs) - VmRSS at reset" if res["vmhwm_delta_mib"] is not None else "ru_maxrss delta"
+        conn.send(res)
     except BaseException as e:  # report instead of hanging the parent
         conn.send({"error": repr(e)})
     finally:
@@ -358,10 +400,17 @@ def measure_peak(which: str, name: str, d_out: int, d_in: int, ranks, sizes, see
 # ---------------------------------------------------------------------------------------------
 # benchmark cases
 # ---------------------------------------------------------------------------------------------
-def bench_shape(model: str, grp: dict[str, Any], types: list[int], sizes: list[int], cfg: dict[str, Any], log) -> dict[str, Any]:
-    d_out, d_in = grp["d_out"], grp["d_in"]
+def shape_case(grp: dict[str, Any], types: list[int]) -> tuple[str, list[int]]:
+    """The module name and the clients' ranks at one shape group (attention or MLP rank of each type)."""
     ranks = [RESOURCE_TYPES[t][0 if grp["kind"] == "attn" else 1] for t in types]
-    name = f"model.layers.0.{grp['modules'][0]}"
+    return f"model.layers.0.{grp['modules'][0]}", ranks
+
+
+def bench_shape(
+    model: str, grp: dict[str, Any], types: list[int], sizes: list[int], cfg: dict[str, Any], mem: dict[str, Any], log
+) -> dict[str, Any]:
+    d_out, d_in = grp["d_out"], grp["d_in"]
+    name, ranks = shape_case(grp, types)
     R = sum(ranks)
     updates, specs = make_updates(name, d_out, d_in, ranks, sizes, cfg["seed"])
     load_before = os.getloadavg()[0]
@@ -381,17 +430,11 @@ def bench_shape(model: str, grp: dict[str, Any], types: list[int], sizes: list[i
         t_dense.append(dt)
 
     log(f"  {model} {grp['key']}: profile, accuracy ...")
-    prof_ours = profile_ours(updates, specs, name)
+    prof_ours, prof_extra = profile_ours(updates, specs, name)
     prof_dense = profile_dense(updates, name) if cfg["profile_dense"] else None
     acc = accuracy(updates, name, ranks, state, shares_ours, S_dense, shares_dense)
     del shares_dense, S_dense, shares_ours, state
     gc.collect()
-
-    mem = {}
-    if not cfg["skip_memory"]:
-        log(f"  {model} {grp['key']}: peak memory (fresh spawn children) ...")
-        for which in ("ours", "dense"):
-            mem[which] = measure_peak(which, name, d_out, d_in, ranks, sizes, cfg["seed"])
 
     med_o, med_d = statistics.median(t_ours), statistics.median(t_dense)
     flops = lowrank.estimated_flops(d_out, d_in, R)
@@ -419,8 +462,10 @@ def bench_shape(model: str, grp: dict[str, Any], types: list[int], sizes: list[i
         "memory_children": mem,
         "dense_lower_bound_mib": 4 * (d_out * d_in + (d_out + d_in) * min(d_out, d_in)) / 2**20,
         "profile_ours_s": prof_ours,
+        "profile_ours_extra_s": prof_extra,
         "profile_dense_s": prof_dense,
         "loadavg_1min_before": round(load_before, 2),
+        "loadavg_1min_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -483,6 +528,45 @@ def bench_wide_rank(cfg: dict[str, Any], log) -> list[dict[str, Any]]:
             "not_slower_strict": ratio <= 1.0,
             "not_slower_within_tolerance": ratio <= 1.0 + NOT_SLOWER_TOLERANCE,
         })
+    return out
+
+
+def bench_r_sweep(cfg: dict[str, Any], shapes: dict[str, dict[str, Any]], log) -> list[dict[str, Any]]:
+    """How our time grows with the stacked rank R (n clients of rank 200) at the 7B shapes.
+
+    Only ours is run; the speedup uses the dense time measured above for the same shape, whose
+    cost is dominated by the SVD of the d_out x d_in matrix and hardly depends on R (the dense
+    product grows with R, so the estimate is slightly optimistic for R above the measured case
+    and pessimistic below it)."""
+    out = []
+    for key in cfg["sweep_shapes"]:
+        ref = shapes.get(key)
+        if ref is None:
+            continue
+        d_out, d_in = ref["d_out"], ref["d_in"]
+        name = "model.layers.0.sweep"
+        for n in cfg["sweep_clients"]:
+            ranks = [200] * n
+            sizes = draw_clients(n, cfg["seed"] + 2)[1]
+            updates, specs = make_updates(name, d_out, d_in, ranks, sizes, cfg["seed"] + 2)
+            log(f"  R sweep: {key}, {n} x rank 200 (R={sum(ranks)}) ...")
+            run_ours(updates, specs)
+            times = []
+            for _ in range(3):
+                dt, (state, _) = timed(lambda: run_ours(updates, specs))
+                times.append(dt)
+            med = statistics.median(times)
+            out.append({
+                "shape": key,
+                "R": sum(ranks),
+                "n_clients": n,
+                "path_chosen": state.info["svd_paths"][name],
+                "time_ours_s": med,
+                "times_ours_s": times,
+                "dense_time_ref_s": ref["time_dense_s"],
+                "speedup_vs_dense_est": ref["time_dense_s"] / med,
+            })
+            del updates, specs, state
     return out
 
 
@@ -562,6 +646,8 @@ def print_report(res: dict[str, Any]) -> None:
         f"[bold]FlexLoRA aggregation benchmark[/bold] ({res['mode']}) torch {env['versions']['torch']}, "
         f"python {env['versions']['python']}, nproc {env['machine']['nproc']}, torch threads {env['machine']['torch_num_threads']}, float32"
     )
+    m = env["machine"]
+    con.print(f"load average (1/5/15 min) at start {m['loadavg_at_start']}, at end {m.get('loadavg_at_end')} on {m['nproc']} CPUs")
     con.print(f"clients: {res['clients']['n']}, types {res['clients']['types']} (seed {res['clients']['seed']}), n_k {res['clients']['num_examples']}")
 
     tab = Table(title="Per module shape (one module of each shape; median times)")
@@ -588,8 +674,17 @@ def print_report(res: dict[str, Any]) -> None:
     tab.add_column("steps")
     for key, s in res["shapes"].items():
         steps = ", ".join(f"{k} {v:.3f}" for k, v in s["profile_ours_s"].items())
+        steps += "".join(f"; [{k}: {v:.3f}]" for k, v in s.get("profile_ours_extra_s", {}).items())
         tab.add_row(key, steps)
     con.print(tab)
+
+    if res.get("r_sweep"):
+        tab = Table(title="Ours vs stacked rank R (n clients of rank 200); speedup uses the dense time measured above for the shape")
+        for col in ("shape", "R", "path", "ours s", "est. speedup"):
+            tab.add_column(col, justify="right")
+        for r in res["r_sweep"]:
+            tab.add_row(r["shape"], str(r["R"]), r["path_chosen"], f"{r['time_ours_s']:.3f}", f"{r['speedup_vs_dense_est']:.1f}x")
+        con.print(tab)
 
     if res["wide_rank"]:
         tab = Table(title=f"R >= width (auto vs dense reference; median of interleaved repeats)")
@@ -626,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/aggregation[_quick].json)")
     ap.add_argument("--skip-memory", action="store_true", help="do not spawn the peak-memory children")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both paths (default: torch's default)")
     args = ap.parse_args(argv)
 
     cfg = {
@@ -637,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
         "profile_dense": not args.quick,
         "wide_clients": [3, 10] if args.quick else [3, 10, 20],
         "wide_repeats": 3 if args.quick else 7,
+        "sweep_shapes": [] if args.quick else ["llama-2-7b/4096x4096", "llama-2-7b/11008x4096"],
+        "sweep_clients": [1, 2, 4, 8],
     }
     out = args.out or RESULTS_DIR / ("aggregation_quick.json" if args.quick else "aggregation.json")
     start = time.perf_counter()
@@ -644,18 +742,39 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
-    _lapack_warmup()
     types, sizes = draw_clients(args.clients, args.seed)
-    log(f"clients: types {types}, n_k {sizes}, torch threads {torch.get_num_threads()}")
+    log(f"clients: types {types}, n_k {sizes}, torch threads {torch.get_num_threads()}, loadavg {os.getloadavg()}")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        log(f"WARNING: 1-min load average {os.getloadavg()[0]:.1f} exceeds the {os.cpu_count()} CPUs: other work is running, timings will be noisy")
+
+    # Peak memory first, while this (parent) process is still small: a spawned child inherits the
+    # parent's RSS at spawn time as its initial ru_maxrss (see _mem_child).
+    memory: dict[str, dict[str, Any]] = {}
+    if not args.skip_memory:
+        for model in cfg["models"]:
+            for grp in shape_groups(model):
+                name, ranks = shape_case(grp, types)
+                log(f"  {model} {grp['key']}: peak memory of each path in a fresh spawn child ...")
+                memory[f"{model}/{grp['key']}"] = {
+                    which: measure_peak(which, name, grp["d_out"], grp["d_in"], ranks, sizes, args.seed) for which in ("ours", "dense")
+                }
+    _lapack_warmup()
 
     shapes: dict[str, dict[str, Any]] = {}
     for model in cfg["models"]:
         for grp in shape_groups(model):
-            s = bench_shape(model, grp, types, sizes, cfg, log)
-            shapes[f"{model}/{grp['key']}"] = s
-            log(f"    -> ours {s['time_ours_s']:.3f}s dense {s['time_dense_s']:.2f}s speedup {s['speedup_vs_dense']:.1f}x err {s['max_rel_error']:.1e}")
+            key = f"{model}/{grp['key']}"
+            s = bench_shape(model, grp, types, sizes, cfg, memory.get(key, {}), log)
+            shapes[key] = s
+            log(
+                f"    -> R={s['R']} {s['path_chosen']}: ours {s['time_ours_s']:.3f}s dense {s['time_dense_s']:.2f}s "
+                f"speedup {s['speedup_vs_dense']:.1f}x err {s['max_rel_error']:.1e} mem {_fmt(s['peak_mem_mib_ours'])}/{_fmt(s['peak_mem_mib_dense'])} MiB"
+            )
     wide = bench_wide_rank(cfg, log)
+    sweep = bench_r_sweep(cfg, shapes, log)
 
     res = {
         "mode": "quick" if args.quick else "full",
@@ -686,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": shapes,
         "per_model_extrapolated": per_model_extrapolation(list(shapes.values())),
         "wide_rank": wide,
+        "r_sweep": sweep,
     }
     res["targets"] = evaluate_targets(list(shapes.values()), wide, cfg["models"])
     res["environment"]["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

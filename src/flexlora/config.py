@@ -82,6 +82,8 @@ class FederationConfig:
     min_clients: int = 1
     seed: int = 0
     server_dtype: str = "float64"
+    slora_rounds: int = 2  # SLoRA: the first rounds train sparse full weights (stage 1)
+    slora_lr: float = 5e-5  # stage-1 learning rate (full weights want a smaller one than LoRA)
 
 
 @dataclass
@@ -248,6 +250,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"federation.clients_per_round must be >= 1, got {fed.clients_per_round}")
     if fed.fraction is not None and not 0 < fed.fraction <= 1:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
+    if fed.algorithm == "slora":
+        if fed.aggregation == "flora":
+            raise ConfigError("federation: slora + flora makes no sense: FLoRA restarts LoRA from a fresh init every round, discarding SLoRA's initialisation")
+        if not 1 <= fed.slora_rounds <= fed.rounds:
+            raise ConfigError(f"federation.slora_rounds must be between 1 and rounds ({fed.rounds}), got {fed.slora_rounds}")
+        if fed.slora_lr <= 0:
+            raise ConfigError("federation.slora_lr must be > 0")
     if fed.server_dtype not in DTYPES:
         raise ConfigError(f"federation.server_dtype: {fed.server_dtype!r} is not one of {sorted(DTYPES)}")
     if tr.optimizer not in ("adamw", "sgd"):

@@ -15,7 +15,8 @@ import math
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,17 +26,18 @@ from torch import Tensor
 from flexlora.checkpoint import load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
 from flexlora.config import ConfigError, RunConfig
 from flexlora.data.types import ClientData
-from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.diagnostics import aggregation_report, spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.models import load_model, resolve_dtype
 from flexlora.peft_io import write_adapter
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types, target_module_names
-from flexlora.train import LocalTrainer, apply_dense_delta
-from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
+from flexlora.train import LocalTrainer, apply_dense_delta, sparse_mask, train_client_sparse
+from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState, UpdateError
 from flexlora.validate import ValidationConfig, screen_updates
 
 METRICS = "metrics.jsonl"
+RoundFn = Callable[[int, ServerState, Any], "tuple[dict[str, Any], ServerState]"]
 
 
 def derived_seed(*parts: Any) -> int:
@@ -88,8 +90,6 @@ class Simulation:
             model, tokenizer = load_model(cfg.model)
         self.model, self.tokenizer = model, tokenizer
         self.clients = clients if clients is not None else load_clients(cfg)
-        if cfg.federation.algorithm == "slora":
-            raise ConfigError("federation.algorithm = 'slora' is not implemented in this version (see the SLoRA issue); use fedit or fedavg")
         self.fed = self._federation()
         self.method = self._method()
         self.method.check_specs(list(self.fed.specs.values()))
@@ -129,13 +129,15 @@ class Simulation:
         options = dict(fed.method_options)
         return get_method(fed.aggregation, dtype=resolve_dtype(fed.server_dtype), seed=fed.seed, **options)
 
-    def spec_for(self, client: ClientData, round: int) -> dict[str, ModuleSpec]:
+    def spec_for(self, client: ClientData, round: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
+        """The client's per-module ranks this round; ``budget_mib`` overrides the configured budget
+        (budget mode: a Flower node declares its own)."""
         if self.cfg.resources.mode == "types":
             return self.fed.specs[client.client_id]
         r = self.cfg.resources
         budgets = r.budget_mib
         policy = BudgetPolicy(ranks=tuple(r.budget_ranks), fluctuation=r.budget_fluctuation)
-        budget = budgets[client.client_id % len(budgets)]
+        budget = budgets[client.client_id % len(budgets)] if budget_mib is None else budget_mib
         rank = policy.rank_for(budget, self.fed.shapes, client.client_id, round, self.cfg.federation.seed)
         return {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha) for n, s in self.fed.shapes.items()}
 
@@ -148,8 +150,11 @@ class Simulation:
         return sorted(rng.sample(self.fed.train_clients, k), key=lambda c: c.client_id)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, round_fn: RoundFn | None = None) -> dict[str, Any]:
+        """Run (or resume) every round. ``round_fn(round, state, bar) -> (record, state)`` replaces
+        the in-process round (the Flower ServerApp passes one that trains on remote nodes)."""
         cfg = self.cfg
+        round_fn = round_fn or self.run_round
         self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = config_fingerprint(cfg)
         start_round = 1
@@ -181,7 +186,13 @@ class Simulation:
         with Progress(*columns, disable=not self.progress, transient=False) as bar:
             rounds_task = bar.add_task(f"{cfg.name}: rounds", total=cfg.federation.rounds, completed=start_round - 1)
             for rnd in range(start_round, cfg.federation.rounds + 1):
-                rec, state = self.run_round(rnd, state, bar)
+                if self.is_sparse_round(rnd):
+                    rec = self.run_sparse_round(rnd, bar)
+                    if rnd == cfg.federation.slora_rounds:
+                        state = self.slora_transition(rnd)
+                        rec["slora_transition"] = summarise(aggregation_spectra(state))
+                else:
+                    rec, state = round_fn(rnd, state, bar)
                 evaluate_now = (cfg.eval.every and rnd % cfg.eval.every == 0) or rnd == cfg.federation.rounds
                 if evaluate_now and self.fed.eval_clients:
                     rec["eval"] = self.evaluate(state)
@@ -245,7 +256,29 @@ class Simulation:
         if bar is not None:
             bar.remove_task(task)
         t_train = time.perf_counter()
+        return self.server_round(rnd, state, updates, specs, clients_log, dropped, bytes_up, bytes_down, t_train - t0)
 
+    def server_round(
+        self,
+        rnd: int,
+        state: ServerState,
+        updates: list[ClientUpdate],
+        specs: dict[str, dict[str, ModuleSpec]],
+        clients_log: list[dict[str, Any]],
+        dropped: dict[str, list[str]],
+        bytes_up: int,
+        bytes_down: int,
+        train_seconds: float,
+    ) -> tuple[dict[str, Any], ServerState]:
+        """The server's half of a round: screen the updates, aggregate, merge (FLoRA), diagnose.
+
+        ``updates`` are in client-id order; ``specs`` the declared per-module ranks by client id;
+        ``clients_log`` / ``dropped`` what happened to each selected client so far (updated here
+        for the rejected ones). Returns the round's metrics record and the new state (the old one
+        when fewer than ``min_clients`` updates pass validation).
+        """
+        cfg = self.cfg
+        t_train = time.perf_counter()
         accepted, rejected = screen_updates(updates, self.fed.shapes, specs, ValidationConfig(norm_factor=cfg.failures.norm_factor))
         dropped.update(rejected)
         for e in clients_log:
@@ -254,7 +287,7 @@ class Simulation:
         rec: dict[str, Any] = {"round": rnd, "clients": clients_log, "dropped": dropped, "bytes_up": bytes_up, "bytes_down": bytes_down}
         if len(accepted) < max(1, cfg.federation.min_clients):
             rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
-            rec["timings"] = {"train": t_train - t0, "aggregate": 0.0}
+            rec["timings"] = {"train": train_seconds, "aggregate": 0.0}
             return rec, state
         new_state = self.method.aggregate(accepted, round=rnd)
         t_agg = time.perf_counter()
@@ -270,8 +303,80 @@ class Simulation:
         rec["aggregation"]["per_layer_type"] = _per_leaf(report)
         rec["train_loss"] = _mean([e["loss_mean"] for e in clients_log if e.get("status") == "ok"])
         rec["tokens"] = sum(e.get("tokens", 0) for e in clients_log if e.get("status") == "ok")
-        rec["timings"] = {"train": t_train - t0, "aggregate": t_agg - t_train, "diagnostics": time.perf_counter() - t_agg}
+        rec["timings"] = {"train": train_seconds, "aggregate": t_agg - t_train, "diagnostics": time.perf_counter() - t_agg}
         return rec, new_state
+
+    # -- SLoRA ----------------------------------------------------------------------------------------
+    def is_sparse_round(self, rnd: int) -> bool:
+        return self.cfg.federation.algorithm == "slora" and rnd <= self.cfg.federation.slora_rounds
+
+    def sparse_masks(self, client: ClientData, spec: dict[str, ModuleSpec]) -> dict[str, Tensor]:
+        """SLoRA stage 1: a fixed random mask per client and module, with as many entries as the
+        client's LoRA at that module has parameters (its resource type sets the density)."""
+        masks = {}
+        for name, (d_out, d_in) in self.fed.shapes.items():
+            density = min(1.0, spec[name].rank * (d_in + d_out) / (d_in * d_out))
+            masks[name] = sparse_mask((d_out, d_in), density, derived_seed(self.cfg.federation.seed, "mask", client.client_id, name))
+        return masks
+
+    def run_sparse_round(self, rnd: int, bar=None) -> dict[str, Any]:
+        """FedAvg of the clients' sparse full-weight updates, merged into the base weights."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        train_cfg = dataclasses.replace(cfg.train, lr=cfg.federation.slora_lr)
+        fail_rng = random.Random(derived_seed(cfg.federation.seed, "failures", rnd))
+        acc = {n: torch.zeros(s, dtype=self.server_dtype) for n, s in self.fed.shapes.items()}
+        total_n, clients_log, dropped, bytes_up = 0, [], {}, 0
+        nnz_global = sum(int((d != 0).sum()) for d in self.merged.values())
+        selected = self.sample(rnd)
+        for client in selected:
+            cid = str(client.client_id)
+            spec = self.spec_for(client, rnd)
+            entry: dict[str, Any] = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": _rank_summary(spec)}
+            failure = _draw_failure(fail_rng, cfg.failures)
+            if failure in ("crash", "straggle"):
+                dropped[cid] = ["crashed during local training" if failure == "crash" else "missed the round timeout"]
+                clients_log.append({**entry, "status": failure})
+                continue
+            masks = self.sparse_masks(client, spec)
+            res = train_client_sparse(self.model, self.tokenizer, client, masks, train_cfg, derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
+            if failure == "garbage":
+                res.deltas[sorted(res.deltas)[0]][0, 0] = float("nan")
+            if not all(bool(torch.isfinite(d).all()) for d in res.deltas.values()):
+                dropped[cid] = ["sparse update contains NaN or Inf"]
+                clients_log.append({**entry, "status": "rejected"})
+                continue
+            for name, d in res.deltas.items():
+                acc[name] += client.num_examples * d.to(self.server_dtype)
+            total_n += client.num_examples
+            bytes_up += res.nnz * 8  # value + int32 index
+            clients_log.append({**entry, "status": "ok", "density": res.nnz / sum(m.numel() for m in masks.values()), **{k: v for k, v in res.metrics.items()}})
+        rec: dict[str, Any] = {"round": rnd, "stage": "slora-sparse", "clients": clients_log, "dropped": dropped, "bytes_up": bytes_up, "bytes_down": nnz_global * 8 * len(selected)}
+        ok = [e for e in clients_log if e.get("status") == "ok"]
+        if len(ok) < max(1, cfg.federation.min_clients):
+            rec["skipped"] = f"only {len(ok)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
+            return rec
+        for name, a in acc.items():
+            d = a / total_n
+            self.merged[name] = self.merged[name] + d if name in self.merged else d
+        self._set_base_weights()
+        rec["train_loss"] = _mean([e["loss_mean"] for e in ok])
+        rec["tokens"] = sum(e["tokens"] for e in ok)
+        rec["timings"] = {"train": time.perf_counter() - t0}
+        return rec
+
+    def slora_transition(self, rnd: int) -> ServerState:
+        """End of stage 1: the base weights go back to the original ones and the accumulated sparse
+        update becomes the LoRA initialisation, SVD-ordered so every client's share is its best
+        rank-r approximation (whatever aggregation stage 2 uses)."""
+        adapter = {}
+        for name, delta in self.merged.items():
+            U, S, Vh = torch.linalg.svd(delta.to(self.server_dtype), full_matrices=False)
+            adapter[name] = GlobalModule(A=Vh.contiguous(), B=(U * S).contiguous(), spectrum=S)
+        self.stage1_delta = self.merged
+        self.merged = {}
+        self._set_base_weights()
+        return ServerState(method=self.method.name, round=rnd, adapter=adapter, info={"seed": self.cfg.federation.seed, "slora_init": True})
 
     # -- evaluation and outputs --------------------------------------------------------------------
     def adapter_deltas(self, state: ServerState) -> dict[str, Tensor]:
@@ -371,6 +476,11 @@ def config_fingerprint(cfg: RunConfig) -> str:
     d.pop("compare", None)
     d["eval"] = {k: v for k, v in d["eval"].items()}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def aggregation_spectra(state: ServerState) -> dict[str, dict]:
+    """Spectrum summaries of an SVD-ordered state (no client updates to compare against)."""
+    return {n: spectrum_summary(gm.spectrum, []) for n, gm in state.adapter.items() if gm.spectrum is not None}
 
 
 def _draw_failure(rng: random.Random, f) -> str | None:

@@ -279,6 +279,77 @@ class LocalTrainer:
         return TrainResult(update=update, metrics=metrics)
 
 
+@dataclass
+class SparseResult:
+    """Stage 1 of SLoRA: a client's masked full-weight update (dense tensors, zero off the mask)."""
+
+    client_id: str
+    num_examples: int
+    deltas: dict[str, Tensor]
+    nnz: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def sparse_mask(shape: tuple[int, int], density: float, seed: int) -> Tensor:
+    """A fixed random mask with the given density (SLoRA's per-client sparse pattern)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < density
+
+
+def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str, Tensor], cfg: TrainConfig, seed: int) -> SparseResult:
+    """SLoRA stage 1 (Babakniya et al. 2023): train only the masked entries of the target weights.
+
+    The gradient of every target weight is multiplied by its mask, so AdamW (no weight decay)
+    never moves an entry outside it; the update is ``W_after - W_before`` and the weights are
+    restored afterwards, leaving the shared base model as it was.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    data = tokenize_client(tokenizer, client, cfg)
+    if not data:
+        raise ValueError(f"client {client.client_id} has no training examples")
+    weights = {name: model.get_submodule(name).weight for name in masks}
+    before = {name: w.detach().clone() for name, w in weights.items()}
+    hooks = []
+    for name, w in weights.items():
+        w.requires_grad_(True)
+        mask = masks[name].to(w.dtype)
+        hooks.append(w.register_hook(lambda g, m=mask: g * m))
+    try:
+        params = list(weights.values())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        model.train()
+        losses, tokens = [], 0
+        for step_batches in plan_batches([len(ids) for ids, _ in data], cfg, rng):
+            opt.zero_grad(set_to_none=True)
+            micro = [collate([data[i] for i in idx], tokenizer.pad_token_id) for idx in step_batches]
+            n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            step_loss = 0.0
+            for b in micro:
+                loss_sum, _ = labelled_token_loss(model, b)
+                (loss_sum / max(1, n_labelled)).backward()
+                step_loss += float(loss_sum.detach()) / max(1, n_labelled)
+                tokens += int(b["attention_mask"].sum())
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            losses.append(step_loss)
+        model.eval()
+        deltas = {name: ((w.detach() - before[name]) * masks[name]).float() for name, w in weights.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.requires_grad_(False)
+                w.copy_(before[name])
+    seconds = time.perf_counter() - t0
+    nnz = sum(int(m.sum()) for m in masks.values())
+    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0}
+    return SparseResult(str(client.client_id), client.num_examples, deltas, nnz, metrics)
+
+
 def re_exact(name: str) -> str:
     """A PEFT pattern key that matches exactly this module (PEFT treats the keys as regexes)."""
     import re

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from flexlora.methods.base import AggregationMethod, scaled_factors
-from flexlora.update import ClientUpdate, GlobalModule, ServerState, UpdateError
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
 class FedAvg(AggregationMethod):
@@ -33,10 +33,3 @@ class FedAvg(AggregationMethod):
             A = sum(w * A for w, (_, A) in zip(p, pairs))
             adapter[name] = GlobalModule(A=A, B=B)
         return self._state(round, adapter, updates, p)
-
-    def share_for(self, state: ServerState, spec):
-        for name, s in spec.items():
-            have = state.adapter[name].rank if name in state.adapter else None
-            if have and s.rank != have:
-                raise UpdateError(f"fedavg: client asks rank {s.rank} at module {name!r} but the federation trains rank {have}")
-        return super().share_for(state, spec)

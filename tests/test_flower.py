@@ -1,0 +1,312 @@
+"""The Flower layer: the real ServerApp and ClientApp of flower_app/, driven in-process through
+:class:`flexlora.flower_local.LocalGrid` (no SuperLink, no network, no Ray), compared with the
+in-process simulator; plus the loopback deployment script (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from flexlora.config import ConfigError, load_config  # noqa: E402
+from flexlora.flower import (  # noqa: E402
+    FlowerRunError,
+    FlowerSettings,
+    NodeProfile,
+    arrays_to_factors,
+    config_from_json,
+    config_to_json,
+    config_to_spec,
+    factors_to_arrays,
+    spec_to_config,
+)
+from flexlora.flower_local import LocalGrid  # noqa: E402
+from flexlora.simulate import Simulation  # noqa: E402
+from flexlora.update import LoraFactors, ModuleSpec, UpdateError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.toml")
+sys.path.insert(0, str(ROOT / "flower_app"))
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from flexlora_app import client_app, server_app  # noqa: E402
+
+# three training clients, all selected every round: the federation is exactly the three nodes;
+# one torch thread: three "nodes" and the server share the cores (2 threads each thrash under load)
+BASE = ["data.suite_clients=3", "federation.clients_per_round=3", "model.threads=1"]
+FAST = ["eval.at_start=false", "eval.clients=0"]  # no evaluation where a test is about something else
+
+
+@pytest.fixture(autouse=True)
+def _private_flwr_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _strip(rec):
+    """What must equal between the simulator and the Flower path: no timings, no Flower extras."""
+    if isinstance(rec, dict):
+        return {k: _strip(v) for k, v in rec.items() if k not in ("timings", "flower") and "seconds" not in k and "per_second" not in k}
+    if isinstance(rec, list):
+        return [_strip(v) for v in rec]
+    return rec
+
+
+def _metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _simulate(out: Path, overrides):
+    sim = Simulation(load_config(SMOKE, overrides), out, progress=False)
+    sim.run()
+    return dict(sim.fed.types)
+
+
+def _flower(out: Path, overrides, node_configs, fault=None, **run_config):
+    grid = LocalGrid(client_app.app, node_configs, fault=fault)
+    rc = {"config": SMOKE, "set": "; ".join(overrides), "out": str(out), "min-nodes": len(node_configs), **run_config}
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    return grid
+
+
+def _nodes(types):
+    """Node ids 100, 101, ... declaring their partition id and rank type, as --node-config would."""
+    return {100 + cid: {"partition-id": cid, "rank-type": t} for cid, t in sorted(types.items())}
+
+
+def _same_adapters(a: Path, b: Path):
+    subs = sorted(p.name for p in a.iterdir())
+    assert subs == sorted(p.name for p in b.iterdir())
+    for sub in subs:
+        ta, tb = load_file(str(a / sub / "adapter_model.safetensors")), load_file(str(b / sub / "adapter_model.safetensors"))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (sub, k)
+
+
+# -- payloads -------------------------------------------------------------------------------------
+def test_factors_and_specs_survive_the_records_in_order():
+    g = torch.Generator().manual_seed(0)
+    spec = {"b.q_proj": ModuleSpec(4, 16.0), "a.down_proj": ModuleSpec(2, 8.0, rslora=True)}  # not sorted on purpose
+    factors = {n: LoraFactors(torch.randn(s.rank, 6, generator=g), torch.randn(5, s.rank, generator=g), s.scale) for n, s in spec.items()}
+    back_spec = config_to_spec(spec_to_config(spec))
+    assert list(back_spec) == list(spec) and back_spec == spec  # order = the optimizer's parameter order
+    back = arrays_to_factors(factors_to_arrays(factors), {n: s.scale for n, s in spec.items()})
+    assert list(back) == list(factors)
+    for n in factors:
+        assert torch.equal(back[n].A, factors[n].A) and torch.equal(back[n].B, factors[n].B) and back[n].scale == factors[n].scale
+    # float64 shares go out as float32, rounded exactly as loading them into a float32 adapter does
+    f64 = {n: LoraFactors(f.A.double() / 3, f.B.double() / 3, f.scale) for n, f in factors.items()}
+    assert torch.equal(arrays_to_factors(factors_to_arrays(f64), {n: s.scale for n, s in spec.items()})["b.q_proj"].A, (f64["b.q_proj"].A).float())
+
+
+def test_malformed_payloads_name_the_module():
+    f = {"m.q_proj": LoraFactors(torch.zeros(2, 4), torch.zeros(3, 2), 8.0)}
+    rec = factors_to_arrays(f)
+    with pytest.raises(UpdateError, match="m.k_proj: lora_A or lora_B missing"):
+        arrays_to_factors(rec, {"m.q_proj": 8.0, "m.k_proj": 8.0})
+    with pytest.raises(UpdateError, match="unexpected arrays"):
+        arrays_to_factors(rec, {})
+    del rec["m.q_proj.B"]
+    with pytest.raises(UpdateError, match="missing"):
+        arrays_to_factors(rec, {"m.q_proj": 8.0})
+
+
+def test_run_config_travels_as_json_and_settings_are_checked():
+    cfg = load_config(SMOKE, BASE + ['federation.aggregation="ffa"', 'resources.distribution="homo"'])
+    back = config_from_json(config_to_json(cfg))
+    assert back.to_dict() == cfg.to_dict() and back.train.freeze_A
+    assert NodeProfile.from_config(NodeProfile(3, 40, group_ranks={"attention": 4, "mlp": 16}, budget_mib=8.0).to_config()) == NodeProfile(
+        3, 40, group_ranks={"attention": 4, "mlp": 16}, budget_mib=8.0
+    )
+    s = FlowerSettings.from_run_config({"set": "federation.rounds=4; train.lr=1e-4", "aggregation": "hetlora", "config": SMOKE})
+    assert s.run_config().federation.rounds == 4 and s.run_config().federation.aggregation == "hetlora"
+    with pytest.raises(ConfigError, match="unknown Flower run-config key 'round-timout'"):
+        FlowerSettings.from_run_config({"round-timout": 3})
+    with pytest.raises(ConfigError, match="unknown method 'fedprox'"):
+        FlowerSettings.from_run_config({"aggregation": "fedprox", "config": SMOKE}).run_config()
+
+
+def test_slora_is_refused_before_any_work(tmp_path):
+    if "slora" not in str(load_config(SMOKE).to_dict()):
+        pytest.skip("this version has no SLoRA stage")
+    with pytest.raises(ConfigError, match="slora.*does not run on Flower"):
+        _flower(tmp_path / "run", BASE + FAST + ['federation.algorithm="slora"'], _nodes({0: "type3"}))
+    assert not (tmp_path / "run").exists()
+
+
+# -- the ServerApp and ClientApp against the simulator ---------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The simulator and the Flower path (3 nodes declaring the simulator's rank types), same config and seed."""
+    root = tmp_path_factory.mktemp("pair")
+    types = _simulate(root / "sim", BASE)
+    grid = _flower(root / "flower", BASE, _nodes(types))
+    return root / "sim", root / "flower", types, grid
+
+
+def test_flower_run_equals_the_simulator_bit_for_bit(pair):
+    sim, flower, types, _ = pair
+    assert len(set(types.values())) == 3  # three different rank types
+    assert _strip(_metrics(flower)) == _strip(_metrics(sim))  # losses, ranks, weights, diagnostics, evaluations
+    _same_adapters(sim / "final", flower / "final")
+    summary = json.loads((flower / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["engine"] == "flower"
+    assert {k: v["type"] for k, v in summary["nodes"].items()} == {str(k): v for k, v in types.items()}
+    simsum = json.loads((sim / "summary.json").read_text())
+    for key in ("tokens", "final_train_loss", "rouge_l_weighted", "type_counts"):
+        assert summary[key] == simsum[key], key
+
+
+def test_each_node_gets_its_own_ranks_and_bytes_are_counted(pair):
+    _, flower, types, grid = pair
+    recs = [r for r in _metrics(flower) if r["round"] > 0]
+    for rec in recs:
+        nodes = rec["flower"]["nodes"]
+        assert set(nodes) == {"0", "1", "2"} and rec["flower"]["attempts"] == 1
+        assert all(n["bytes_received"] > 0 and n["bytes_sent"] > 0 for n in nodes.values())
+        by_type = {types[int(cid)]: n["bytes_sent"] for cid, n in nodes.items()}
+        assert by_type["type3"] > by_type["type2"] > by_type["type1"]  # larger ranks, larger uploads
+    trains = [e for e in grid.log if e["type"] == "train"]
+    assert len(trains) == 6 and all(e["outcome"] == "ok" for e in trains)
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("hetlora", ["train.hetlora_lambda=0.01"]),
+        ("flora", []),  # round 2 ships the merged base update
+        ("rank_partition", []),
+        ("fedavg", ['resources.distribution="homo"']),
+        ("ffa", ['resources.distribution="homo"']),
+    ],
+)
+def test_every_method_is_selectable_and_matches_the_simulator(tmp_path, method, extra):
+    overrides = BASE + FAST + extra
+    types = _simulate(tmp_path / "sim", overrides + [f'federation.aggregation="{method}"'])
+    # nodes declare only their partition id (as in Flower's simulation engine): types follow from it;
+    # the method comes from the Flower run config
+    _flower(tmp_path / "flower", overrides, {100 + cid: {"partition-id": cid} for cid in types}, aggregation=method)
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["aggregation"] == method and summary["status"] == "completed"
+    _same_adapters(tmp_path / "sim" / "final", tmp_path / "flower" / "final")
+    if method == "flora":  # round 2 ships the dense merged update: 2 layers x 64 x (64+32+32+64+128+128+128) float64
+        r2 = [r for r in _metrics(tmp_path / "flower") if r["round"] == 2][0]
+        assert all(n["bytes_received"] > 2 * 64 * 576 * 8 for n in r2["flower"]["nodes"].values())
+
+
+def test_budget_mode_ranks_follow_the_budget_each_node_declares(tmp_path):
+    overrides = BASE + FAST + ['resources.mode="budget"', "resources.budget_mib=[0.02, 0.05, 0.2]", "resources.budget_ranks=[2, 4, 8, 16]"]
+    _simulate(tmp_path / "sim", overrides)
+    budgets = [0.02, 0.05, 0.2]
+    _flower(tmp_path / "flower", overrides, {100 + cid: {"partition-id": cid, "budget-mib": budgets[cid]} for cid in range(3)})
+    _same_adapters(tmp_path / "sim" / "final", tmp_path / "flower" / "final")
+    # a node that declares a larger budget trains at a larger rank
+    _flower(tmp_path / "rich", overrides, {100 + cid: {"partition-id": cid, "budget-mib": 0.2} for cid in range(3)})
+    ranks = {c["id"]: c["ranks"]["q_proj"] for c in _metrics(tmp_path / "rich")[0]["clients"]}
+    base = {c["id"]: c["ranks"]["q_proj"] for c in _metrics(tmp_path / "flower")[0]["clients"]}
+    assert ranks[0] > base[0] and len(set(base.values())) > 1
+
+
+# -- failure handling -------------------------------------------------------------------------------
+def test_a_node_that_errors_or_times_out_is_left_out_and_the_round_proceeds(tmp_path):
+    overrides = BASE + FAST
+    types = {0: "type3", 1: "type2", 2: "type1"}
+
+    def fault(node, msg):
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "1":
+            return {100: "error", 101: "timeout"}.get(node)
+        return None
+
+    _flower(tmp_path / "run", overrides, _nodes(types), fault=fault, **{"min-clients": 1})
+    r1, r2 = [r for r in _metrics(tmp_path / "run") if r["round"] > 0]
+    status = {c["id"]: c["status"] for c in r1["clients"]}
+    assert status == {0: "error", 1: "timeout", 2: "ok"}
+    assert "injected failure" in r1["dropped"]["0"][0] and "missed the round timeout" in r1["dropped"]["1"][0]
+    assert "aggregation" in r1 and "skipped" not in r1  # the round went on with the one reply
+    assert {c["status"] for c in r2["clients"]} == {"ok"} and not r2["dropped"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["dropped_updates"] == 2
+
+
+def test_a_round_without_enough_replies_is_retried(tmp_path):
+    seen = []
+
+    def fault(node, msg):  # node 100 fails the first attempt of round 1 only
+        if msg.metadata.message_type == "train" and node == 100:
+            seen.append(msg.metadata.group_id)
+            return "error" if seen.count("1") == 1 and msg.metadata.group_id == "1" else None
+        return None
+
+    _flower(tmp_path / "run", BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), fault=fault, **{"min-clients": 3, "round-retries": 1})
+    r1 = [r for r in _metrics(tmp_path / "run") if r["round"] == 1][0]
+    assert r1["flower"]["attempts"] == 2 and r1["flower"]["failed_attempts"][0]["replied"] == 2
+    assert {c["status"] for c in r1["clients"]} == {"ok"}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path):
+    def fault(node, msg):  # node 100 is gone from round 2 on
+        return "timeout" if msg.metadata.message_type == "train" and node == 100 and msg.metadata.group_id != "1" else None
+
+    out = tmp_path / "run"
+    with pytest.raises(FlowerRunError, match=r"round 2: only 2 of 3 selected node\(s\) replied in 2 attempt\(s\), fewer than min-clients=3.*state of round 1"):
+        _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), fault=fault, **{"min-clients": 3, "round-retries": 1})
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["last_good_round"] == 1 and "min-clients=3" in summary["error"]
+    assert [r["round"] for r in _metrics(out)] == [1]
+    # the adapters written are round 1's: the same as a 1-round simulator run
+    _simulate(tmp_path / "sim1", BASE + FAST + ["federation.rounds=1"])
+    _same_adapters(tmp_path / "sim1" / "final", out / "final")
+    # the node is back: resuming from the kept state finishes the run as if nothing had happened
+    _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), resume=True, **{"min-clients": 3})
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    _simulate(tmp_path / "sim2", BASE + FAST)
+    _same_adapters(tmp_path / "sim2" / "final", out / "final")
+
+
+def test_a_node_without_partition_id_is_left_out_of_the_federation(tmp_path):
+    nodes = _nodes({0: "type3", 1: "type2"}) | {102: {"rank-type": "type1"}}
+    with pytest.raises(FlowerRunError, match="only 2 node\\(s\\) answered the query, fewer than min-nodes=3"):
+        _flower(tmp_path / "run", BASE + FAST, nodes)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "stopped"
+    # with min-nodes=2 the two good nodes run on their own
+    grid = _flower(tmp_path / "run2", BASE + FAST, nodes, **{"min-nodes": 2})
+    assert any(e["outcome"] == "error" and e["type"] == "query" for e in grid.log)
+    assert sorted(json.loads((tmp_path / "run2" / "summary.json").read_text())["nodes"]) == ["0", "1"]
+
+
+def test_duplicate_partition_ids_and_unknown_rank_types_are_refused(tmp_path):
+    with pytest.raises(FlowerRunError, match="both declare partition-id 0"):
+        _flower(tmp_path / "a", BASE + FAST, {100: {"partition-id": 0}, 101: {"partition-id": 0}})
+    with pytest.raises(ConfigError, match="rank-type 'type9'"):
+        _flower(tmp_path / "b", BASE + FAST, {100: {"partition-id": 0, "rank-type": "type9"}})
+
+
+# -- the real deployment on 127.0.0.1 --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["insecure", "tls"])
+def test_loopback_deployment(tmp_path, mode):
+    cmd = [sys.executable, str(ROOT / "scripts" / "flower_loopback.py"), "--work", str(tmp_path / "work"), "--json", str(tmp_path / "report.json")]
+    if mode == "tls":
+        cmd.append("--tls")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and report["adapter_diff"]["max_rel_update_diff"] <= 1e-6
+    if mode == "tls":
+        assert report["checks"]["unregistered_node_refused"]

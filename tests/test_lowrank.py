@@ -59,3 +59,34 @@ def test_factored_norms_match_dense(seed, d_out, d_in, r1, r2):
     assert abs(factored_fro_norm(B1, A1) - float(torch.linalg.matrix_norm(B1 @ A1))) < 1e-8 * (1 + float(torch.linalg.matrix_norm(B1 @ A1)))
     ref = float(torch.linalg.matrix_norm(B1 @ A1 - B2 @ A2))
     assert abs(factored_distance(B1, A1, B2, A2) - ref) < 1e-6 * (1 + ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    d_out=st.integers(1, 30),
+    d_in=st.integers(1, 30),
+    ranks=st.lists(st.integers(1, 10), min_size=1, max_size=5),
+    keep=st.integers(0, 12),
+    path=st.sampled_from(["factored", "dense"]),
+)
+def test_keep_returns_the_top_triplets_and_every_singular_value(seed, d_out, d_in, ranks, keep, path):
+    Bs, As, coeffs, dense = _random_terms(seed, d_out, d_in, ranks)
+    full = svd_of_sum(Bs, As, coeffs, path=path, dtype=torch.float64)
+    part = svd_of_sum(Bs, As, coeffs, path=path, dtype=torch.float64, keep=keep)
+    k = min(keep, full.S.shape[0])
+    assert part.U.shape[1] == part.Vh.shape[0] == k
+    torch.testing.assert_close(part.S, full.S)
+    torch.testing.assert_close(part.reconstruct(k), full.reconstruct(k), atol=1e-9, rtol=1e-9)
+
+
+def test_nan_is_still_detected_by_the_fast_finiteness_check():
+    from flexlora.update import _all_finite
+
+    t = torch.randn(50, 40)
+    assert _all_finite(t)
+    t[3, 7] = float("nan")
+    assert not _all_finite(t)
+    t[3, 7] = float("-inf")
+    assert not _all_finite(t)
+    assert _all_finite(torch.full((4, 4), 3e38))  # the float64 sum does not overflow

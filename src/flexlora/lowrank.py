@@ -40,7 +40,12 @@ def stack_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], coeffs: Sequence[f
     """``sum_k coeffs[k] * Bs[k] @ As[k] == Bcat @ Acat`` exactly (the coefficient goes on B)."""
     if not (len(Bs) == len(As) == len(coeffs)) or not Bs:
         raise ValueError(f"need the same positive number of B, A and coefficients, got {len(Bs)}, {len(As)}, {len(coeffs)}")
-    Bcat = torch.cat([c * B.to(dtype) for B, c in zip(Bs, coeffs)], dim=1)
+    d_out = Bs[0].shape[0]
+    Bcat = torch.empty(d_out, sum(B.shape[1] for B in Bs), dtype=dtype)
+    col = 0
+    for B, c in zip(Bs, coeffs):  # one pass: write c * B straight into its block
+        torch.mul(B.to(dtype), c, out=Bcat[:, col : col + B.shape[1]])
+        col += B.shape[1]
     Acat = torch.cat([A.to(dtype) for A in As], dim=0)
     return Bcat, Acat
 
@@ -63,8 +68,13 @@ def choose_path(d_out: int, d_in: int, total_rank: int) -> str:
     return "factored" if flops["factored"] <= flops["dense"] else "dense"
 
 
-def svd_of_product(Bcat: Tensor, Acat: Tensor, path: SvdPath = "auto") -> Svd:
-    """Exact thin SVD of ``Bcat @ Acat``, keeping k = min(R, d_out, d_in) triplets."""
+def svd_of_product(Bcat: Tensor, Acat: Tensor, path: SvdPath = "auto", keep: int | None = None) -> Svd:
+    """Exact thin SVD of ``Bcat @ Acat``.
+
+    All k = min(R, d_out, d_in) singular values are returned; the singular vectors only for the
+    top ``keep`` of them (all when None). Rotating the small SVD's vectors back to full size is a
+    large part of the cost, so a server that only hands out ranks up to ``keep`` should say so.
+    """
     d_out, R = Bcat.shape
     R2, d_in = Acat.shape
     if R != R2:
@@ -72,17 +82,30 @@ def svd_of_product(Bcat: Tensor, Acat: Tensor, path: SvdPath = "auto") -> Svd:
     if path == "auto":
         path = choose_path(d_out, d_in, R)
     k = min(R, d_out, d_in)
+    kv = k if keep is None else max(0, min(keep, k))
     if path == "dense":
-        U, S, Vh = torch.linalg.svd(Bcat @ Acat, full_matrices=False)
-        return Svd(U[:, :k], S[:k], Vh[:k], "dense")
+        dW = Bcat @ Acat
+        if d_out < d_in:  # LAPACK is markedly faster on tall matrices: take the SVD of the transpose
+            V, S, Uh = torch.linalg.svd(dW.T, full_matrices=False)
+            return Svd(Uh[:kv].T, S[:k], V[:, :kv].T, "dense")
+        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+        return Svd(U[:, :kv], S[:k], Vh[:kv], "dense")
     if path != "factored":
         raise ValueError(f"unknown SVD path {path!r}; use 'auto', 'factored' or 'dense'")
-    Qb, Rb = torch.linalg.qr(Bcat, mode="reduced")  # (d_out, k_out), (k_out, R)
-    Qa, Ra = torch.linalg.qr(Acat.T, mode="reduced")  # (d_in, k_in), (k_in, R)
+    # Householder QR without forming Q: the reflectors are applied only to the kept vectors.
+    hb, tb = torch.geqrf(Bcat)  # Bcat = Qb Rb
+    ha, ta = torch.geqrf(Acat.T)  # Acat^T = Qa Ra
+    kb, ka = min(d_out, R), min(d_in, R)
+    Rb = hb[:kb].triu()
+    Ra = ha[:ka].triu()
     Um, S, Vmh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    U = Qb @ Um[:, :k]
-    Vh = Vmh[:k] @ Qa.T
-    return Svd(U, S[:k], Vh, "factored")
+    Ub = Bcat.new_zeros(d_out, kv)
+    Ub[:kb] = Um[:, :kv]
+    Va = Acat.new_zeros(d_in, kv)
+    Va[:ka] = Vmh[:kv].T
+    U = torch.ormqr(hb, tb, Ub)  # Qb @ [Um; 0]
+    V = torch.ormqr(ha, ta, Va)  # Qa @ [Vm; 0]
+    return Svd(U, S[:k], V.T.contiguous(), "factored")
 
 
 def svd_of_sum(
@@ -91,10 +114,11 @@ def svd_of_sum(
     coeffs: Sequence[float],
     path: SvdPath = "auto",
     dtype: torch.dtype = torch.float32,
+    keep: int | None = None,
 ) -> Svd:
-    """Exact thin SVD of ``sum_k coeffs[k] * Bs[k] @ As[k]``."""
+    """Exact thin SVD of ``sum_k coeffs[k] * Bs[k] @ As[k]`` (vectors for the top ``keep`` only)."""
     Bcat, Acat = stack_factors(Bs, As, coeffs, dtype)
-    return svd_of_product(Bcat, Acat, path)
+    return svd_of_product(Bcat, Acat, path, keep)
 
 
 def factored_fro_norm(B: Tensor, A: Tensor) -> float:

@@ -41,7 +41,9 @@ class FlexLoRA(AggregationMethod):
             raise ValueError(f"keep_rank must be >= 1 or None, got {keep_rank}")
         self.singular_values = singular_values
         self.svd_path = svd_path
-        self.keep_rank = keep_rank  # None keeps the exact aggregate; an int bounds server memory
+        # None keeps the exact aggregate (every triplet); an int keeps only the top ``keep_rank``
+        # triplets, enough to serve every client up to that rank, at lower server time and memory.
+        self.keep_rank = keep_rank
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)
@@ -49,9 +51,9 @@ class FlexLoRA(AggregationMethod):
         paths: dict[str, str] = {}
         for name in updates[0].modules:
             Bs, As = zip(*(scaled_factors(u, name, self.dtype) for u in updates))
-            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype)
-            k = svd.S.shape[0] if self.keep_rank is None else min(self.keep_rank, svd.S.shape[0])
-            U, S, Vh = svd.U[:, :k], svd.S[:k], svd.Vh[:k]
+            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank)
+            k = svd.U.shape[1]
+            U, S, Vh = svd.U, svd.S[:k], svd.Vh
             if self.singular_values == "B":
                 B, A = U * S, Vh
             else:

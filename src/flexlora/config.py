@@ -81,7 +81,7 @@ class FederationConfig:
     fraction: float | None = None
     min_clients: int = 1
     seed: int = 0
-    server_dtype: str = "float64"
+    server_dtype: str = "float32"  # the dtype of aggregation; float64 for reference-grade exactness
     slora_rounds: int = 2  # SLoRA: the first rounds train sparse full weights (stage 1)
     slora_lr: float = 5e-5  # stage-1 learning rate (full weights want a smaller one than LoRA)
 

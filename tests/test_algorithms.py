@@ -86,7 +86,7 @@ def test_slora_stage1_update_stays_on_the_mask(shared, tmp_path):
 
 
 def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp_path):
-    sim = _sim(shared, tmp_path, 'federation.algorithm="slora"', "federation.slora_rounds=1", "federation.rounds=1")
+    sim = _sim(shared, tmp_path, 'federation.algorithm="slora"', "federation.slora_rounds=1", "federation.rounds=1", 'federation.server_dtype="float64"')
     try:
         sim.run()
     finally:

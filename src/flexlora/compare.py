@@ -114,4 +114,6 @@ def print_table(summaries: Sequence[dict[str, Any]]) -> None:
             s["name"], s["aggregation"], s["distribution"], str(s["rounds"]), str(s["tokens"]), fmt(s["final_train_loss"], 3),
             fmt(s["base_rouge_l_weighted"]), fmt(s["rouge_l_weighted"]), fmt(s["proxy_eval_loss"], 3), fmt(s["train_seconds"], 0),
         )
-    Console().print(table)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs and CI: do not squeeze to 80 columns

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.fsutil import atomic_directory
 from flexlora.methods import get_method
 from flexlora.peft_io import AdapterError, read_adapter, write_adapter
 from flexlora.update import LoraFactors, ModuleSpec, UpdateError, normalise_weights
@@ -71,9 +70,7 @@ def aggregate_adapter_dirs(
     state = method.aggregate(updates, weights=p)
     t_agg = time.perf_counter()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         for a, name in zip(adapters, names):
             share = method.share_for(state, a.specs)
             write_adapter(tmp / name, share, a.specs, template=a.config, dtype=a.dtype)
@@ -106,10 +103,4 @@ def aggregate_adapter_dirs(
             "torch": torch.__version__,
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flexlora.fsutil import atomic_directory
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, UpdateError, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
@@ -194,15 +193,7 @@ def write_adapter(
     for name, f in modules.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.to(dtype or f.A.dtype).contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = f.B.to(dtype or f.B.dtype).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -609,7 +609,7 @@ def bench_r_sweep(cfg: dict[str, Any], shapes: dict[str, dict[str, Any]], log) -
             run_ours(updates, specs)
             times = []
             for _ in range(3):
-                dt, (state, _) = timed(lambda: run_ours(updates, specs))
+                dt, (state, _) = timed(lambda u=updates, s=specs: run_ours(u, s))
                 times.append(dt)
             med = statistics.median(times)
             out.append({

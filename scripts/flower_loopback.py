@@ -241,7 +241,6 @@ def reference_run(out: Path, rounds: int) -> dict[int, str]:
 def compare_adapters(a: Path, b: Path) -> dict[str, float]:
     """Largest differences between two global adapters: factors (exact equality expected) and
     the dense update B @ A relative to its largest entry."""
-    import torch
     from safetensors.torch import load_file
 
     ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))

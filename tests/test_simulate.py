@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from flexlora.cli import main
-from flexlora.config import ConfigError, load_config
+from flexlora.config import load_config
 from flexlora.peft_io import read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ import torch
 from nltk.stem import porter
 from rouge_score import rouge_scorer
 from rouge_score import tokenizers as rouge_tokenizers
-from torch import Tensor, nn
+from torch import nn
 
 from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
 from flexlora.data.types import ClientData, Example

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flexlora.fsutil import atomic_directory
-from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, UpdateError, lora_scale
+from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, UpdateError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

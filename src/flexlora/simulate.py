@@ -33,7 +33,7 @@ from flexlora.models import load_model, resolve_dtype
 from flexlora.peft_io import write_adapter
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types, target_module_names
 from flexlora.train import LocalTrainer, apply_dense_delta, sparse_mask, train_client_sparse
-from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState, UpdateError
+from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
 from flexlora.validate import ValidationConfig, screen_updates
 
 METRICS = "metrics.jsonl"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexlora.checkpoint import load_checkpoint
 from flexlora.config import ConfigError, load_config
 from flexlora.methods import METHODS
 from flexlora.models import load_model
@@ -105,3 +106,30 @@ def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp
     # stage 2 starts from the original base weights (the sparse update now lives in the adapter)
     for name, w0 in sim.originals.items():
         assert torch.equal(sim.model.get_submodule(name).weight, w0)
+
+
+def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tmp_path):
+    sim = _sim(
+        shared, tmp_path, 'federation.aggregation="hetlora"', "federation.rounds=4", "federation.clients_per_round=8",
+        "train.hetlora_prune=true", "train.hetlora_lambda=5.0", "train.hetlora_gamma=0.5", "train.max_steps=2",
+    )
+    try:
+        sim.run()
+    finally:
+        sim.restore_base()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    pruned = {str(c["id"]): (r["round"], c["pruned_to"]) for r in recs for c in r["clients"] if "pruned_to" in c}
+    assert pruned, "no client pruned its rank"
+    ranks = sim.client_state["hetlora_ranks"]
+    assert set(pruned) <= set(ranks)
+    for cid, (rnd, to) in pruned.items():
+        declared = sim.fed.specs[int(cid)]
+        assert all(ranks[cid][n] <= declared[n].rank for n in declared) and any(ranks[cid][n] < declared[n].rank for n in declared)
+        later = [c for r in recs if r["round"] > rnd for c in r["clients"] if str(c["id"]) == cid]
+        assert all(max(c["ranks"].values()) <= max(to.values()) for c in later)  # trains at the pruned rank afterwards
+    assert load_checkpoint(tmp_path)["client_state"]["hetlora_ranks"] == ranks
+
+
+def test_hetlora_pruning_needs_hetlora_aggregation():
+    with pytest.raises(ConfigError, match="hetlora_prune"):
+        load_config(SMOKE, [*FAST, "train.hetlora_prune=true"])

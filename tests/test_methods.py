@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexlora.methods import METHODS, FedAvg, FFALoRA, FLoRA, FlexLoRA, HetLoRA, RankPartition, get_method
-from flexlora.methods.hetlora import pruned_rank, self_pruning_penalty
+from flexlora.methods.hetlora import self_prune, self_pruning_penalty
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, UpdateError
 
 from strategies import federations
@@ -212,8 +212,27 @@ def test_hetlora_self_pruning_penalty_has_gradients():
     penalty.backward()
     assert A.grad is not None and float(A.grad[6:].abs().sum()) > 0 and float(A.grad[:6].abs().sum()) == 0
     assert float(B.grad[:, 6:].abs().sum()) > 0
-    assert pruned_rank(A.detach(), B.detach(), 0.75, previous_tail_norm=1e9)[0] == 6
-    assert pruned_rank(A.detach(), B.detach(), 0.75, previous_tail_norm=None)[0] == 8
+
+
+def test_hetlora_self_prune_drops_the_tail_only_when_it_shrank():
+    g = torch.Generator().manual_seed(3)
+    mods = {"q": LoraFactors(torch.randn(8, 5, generator=g, dtype=F64), torch.randn(6, 8, generator=g, dtype=F64), 2.0),
+            "v": LoraFactors(torch.randn(4, 7, generator=g, dtype=F64), torch.randn(3, 4, generator=g, dtype=F64), 4.0)}
+    u = ClientUpdate("c", 10, mods)
+    tail = sum(float(torch.linalg.matrix_norm(f.B[:, q:]) * torch.linalg.matrix_norm(f.A[q:])) for f, q in ((mods["q"], 6), (mods["v"], 3)))
+    first, t0, pruned = self_prune(u, 0.75, previous_tail_norm=None)  # no history yet: keep everything
+    assert first is u and not pruned and math.isclose(t0, tail, rel_tol=1e-12)
+    same, _, pruned = self_prune(u, 0.75, previous_tail_norm=tail)  # not smaller: keep
+    assert same is u and not pruned
+    cut, _, pruned = self_prune(u, 0.75, previous_tail_norm=tail * 1.01)
+    assert pruned and cut.modules["q"].rank == 6 and cut.modules["v"].rank == 3
+    for name, q in (("q", 6), ("v", 3)):  # the kept part of the update is exactly what it was
+        f = mods[name]
+        torch.testing.assert_close(cut.modules[name].delta(), f.scale * f.B[:, :q] @ f.A[:q], rtol=0, atol=0)
+    ones = ClientUpdate("c", 1, {"m": LoraFactors(torch.ones(1, 3, dtype=F64), torch.ones(2, 1, dtype=F64), 1.0)})
+    assert self_prune(ones, 0.5, previous_tail_norm=1e9)[0].modules["m"].rank == 1  # never below rank 1
+    with pytest.raises(ValueError, match="gamma"):
+        self_prune(u, 0.0, None)
 
 
 def test_bad_inputs_are_named():

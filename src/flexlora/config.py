@@ -294,6 +294,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("failures: crash, garbage and straggle are fractions >= 0 that add up to at most 1")
     if cfg.eval.every < 0 or cfg.eval.clients < 0:
         raise ConfigError("eval.every and eval.clients must be >= 0")
+    if not 0 < tr.hetlora_gamma <= 1:
+        raise ConfigError(f"train.hetlora_gamma must be in (0, 1], got {tr.hetlora_gamma}")
+    if tr.hetlora_lambda < 0:
+        raise ConfigError(f"train.hetlora_lambda must be >= 0, got {tr.hetlora_lambda}")
+    if tr.hetlora_prune and fed.aggregation != "hetlora":
+        raise ConfigError(f"train.hetlora_prune is HetLoRA's rank self-pruning; it needs federation.aggregation = 'hetlora', not {fed.aggregation!r}")
     if fed.aggregation == "ffa" and not tr.freeze_A:
         tr.freeze_A = True  # FFA-LoRA is defined by a frozen A
     if fed.algorithm == "fedavg" and tr.optimizer == "adamw":

@@ -16,7 +16,7 @@ import random
 import time
 import zlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ from flexlora.data.types import ClientData
 from flexlora.diagnostics import aggregation_report, spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients
 from flexlora.methods import AggregationMethod, get_method
+from flexlora.methods.hetlora import self_prune
 from flexlora.models import load_model, resolve_dtype
 from flexlora.peft_io import write_adapter
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types, target_module_names
@@ -133,13 +134,40 @@ class Simulation:
         """The client's per-module ranks this round; ``budget_mib`` overrides the configured budget
         (budget mode: a Flower node declares its own)."""
         if self.cfg.resources.mode == "types":
-            return self.fed.specs[client.client_id]
+            return self._pruned(client.client_id, self.fed.specs[client.client_id])
         r = self.cfg.resources
         budgets = r.budget_mib
         policy = BudgetPolicy(ranks=tuple(r.budget_ranks), fluctuation=r.budget_fluctuation)
         budget = budgets[client.client_id % len(budgets)] if budget_mib is None else budget_mib
         rank = policy.rank_for(budget, self.fed.shapes, client.client_id, round, self.cfg.federation.seed)
-        return {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha) for n, s in self.fed.shapes.items()}
+        return self._pruned(client.client_id, {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha) for n, s in self.fed.shapes.items()})
+
+    def _pruned(self, client_id: int | str, spec: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
+        """Cap a spec at the ranks the client has self-pruned to (HetLoRA; nothing otherwise)."""
+        ranks = self.client_state.get("hetlora_ranks", {}).get(str(client_id))
+        if not ranks:
+            return spec
+        return {n: replace(s, rank=min(s.rank, ranks.get(n, s.rank))) for n, s in spec.items()}
+
+    def self_prune(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], clients_log: list[dict[str, Any]]) -> list[ClientUpdate]:
+        """HetLoRA's rank self-pruning on the accepted updates; the decision depends only on a client's own
+        update and its previous tail norm, so running it here gives what the client would have sent."""
+        tails = self.client_state.setdefault("hetlora_tails", {})
+        ranks = self.client_state.setdefault("hetlora_ranks", {})
+        log = {str(e["id"]): e for e in clients_log}
+        out = []
+        for u in updates:
+            pruned, tail, did = self_prune(u, self.cfg.train.hetlora_gamma, tails.get(u.client_id))
+            tails[u.client_id] = tail
+            if did:
+                ranks[u.client_id] = {n: f.rank for n, f in pruned.modules.items()}
+                specs[u.client_id] = {n: replace(s, rank=pruned.modules[n].rank) for n, s in specs[u.client_id].items()}
+                if u.client_id in log:
+                    log[u.client_id]["pruned_to"] = _rank_summary(specs[u.client_id])
+            if u.client_id in log:
+                log[u.client_id]["tail_norm"] = tail
+            out.append(pruned)
+        return out
 
     def sample(self, round: int) -> list[ClientData]:
         fed = self.cfg.federation
@@ -289,6 +317,8 @@ class Simulation:
             rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             rec["timings"] = {"train": train_seconds, "aggregate": 0.0}
             return rec, state
+        if cfg.train.hetlora_prune:
+            accepted = self.self_prune(accepted, specs, clients_log)
         new_state = self.method.aggregate(accepted, round=rnd)
         t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # FLoRA: everybody merges the stacked update into the base weights

@@ -50,6 +50,7 @@ class TrainConfig:
     max_examples: int | None = None  # use at most this many of a client's training examples
     hetlora_lambda: float = 0.0  # > 0 adds HetLoRA's self-pruning regulariser
     hetlora_gamma: float = 0.99
+    hetlora_prune: bool = False  # HetLoRA's rank self-pruning after local training (aggregation = hetlora)
     freeze_A: bool = False  # FFA-LoRA trains B only
 
 

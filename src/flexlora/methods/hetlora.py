@@ -9,12 +9,14 @@ Server: zero-pad every client's factors to the largest rank, and average them wi
 Distribution: a client of rank r takes the first r columns / rows of the padded average.
 Client: rank self-pruning adds ``lambda * ||B[:, q:]||_F * ||A[q:, :]||_F`` with
 ``q = floor(gamma * r)`` to the loss, and drops the tail when it has become small
-(:func:`self_pruning_penalty`, :func:`pruned_rank`; applied in local training, with gradients).
+(:func:`self_pruning_penalty`, applied in local training with gradients; :func:`self_prune` after it,
+which the simulator applies when ``train.hetlora_prune`` is set and remembers per client).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal, Sequence
 
 import torch
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from flexlora.lowrank import factored_fro_norm
 from flexlora.methods.base import AggregationMethod, scaled_factors, zero_pad
-from flexlora.update import ClientUpdate, GlobalModule, ServerState
+from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ServerState
 
 Weighting = Literal["norm", "data", "norm_x_data"]
 
@@ -75,11 +77,27 @@ def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:
     return torch.linalg.matrix_norm(B[:, q:]) * torch.linalg.matrix_norm(A[q:, :])
 
 
-def pruned_rank(A: Tensor, B: Tensor, gamma: float, previous_tail_norm: float | None) -> tuple[int, float]:
-    """Return (new rank, tail norm): drop the tail when its norm shrank since the last round."""
-    r = A.shape[0]
-    q = max(1, int(math.floor(gamma * r)))
-    tail = float(torch.linalg.matrix_norm(B[:, q:]) * torch.linalg.matrix_norm(A[q:, :])) if q < r else 0.0
-    if previous_tail_norm is not None and q < r and tail < previous_tail_norm:
-        return q, tail
-    return r, tail
+def tail_norm(A: Tensor, B: Tensor, gamma: float) -> float:
+    """The value of :func:`self_pruning_penalty` (no gradient): how much the tail ranks carry."""
+    return float(self_pruning_penalty(A.detach(), B.detach(), gamma))
+
+
+def self_prune(update: ClientUpdate, gamma: float, previous_tail_norm: float | None) -> tuple[ClientUpdate, float, bool]:
+    """HetLoRA's rank self-pruning, run on a client's update after local training.
+
+    The client's tail norm is the sum over its modules of ``||B[:, q:]||_F * ||A[q:, :]||_F`` with
+    ``q = floor(gamma * r)`` (the quantity the regulariser pushes down). When it is smaller than at the
+    client's previous round, every module drops its tail and keeps rank ``max(1, q)``; the kept factors
+    keep their scale, so the update is ``scale * B[:, :q] @ A[:q]`` exactly. Returns
+    ``(update, tail norm, pruned)``; the caller stores the tail norm for the client's next round.
+    """
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    tail = sum(tail_norm(f.A, f.B, gamma) for f in update.modules.values())
+    if previous_tail_norm is None or not tail < previous_tail_norm:
+        return update, tail, False
+    modules = {}
+    for name, f in update.modules.items():
+        q = max(1, int(math.floor(gamma * f.rank)))
+        modules[name] = LoraFactors(A=f.A[:q].clone(), B=f.B[:, :q].clone(), scale=f.scale) if q < f.rank else f
+    return replace(update, modules=modules), tail, any(modules[n].rank < f.rank for n, f in update.modules.items())

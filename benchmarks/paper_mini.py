@@ -286,6 +286,7 @@ def report(runs: list[Run], seeds: list[int]) -> None:
             f"| {s['name']} | {s.get('tier')} | {s.get('tokens')} | {s.get('rounds')} | {f(s.get('final_train_loss'), 3)} | {f(s.get('rouge_l_weighted'))} | {f(s.get('rouge_l_mean'))} | "
             f"{f(ev.get('proxy_teacher_forced_rouge_l_weighted'))} | {f(ev.get('proxy_eval_loss'), 3)} | {f(s.get('wall_seconds'), 0)} |"
         )
+    lines += category_table(runs) + diagnostics_table(runs)
     missing = [r.label for r in runs if finished(r.label) is None]
     if missing:
         lines += ["", f"Not yet run ({len(missing)}): " + ", ".join(missing)]
@@ -294,6 +295,63 @@ def report(runs: list[Run], seeds: list[int]) -> None:
     write_json(RESULTS_DIR / "paper_mini.json", {"runs": raw, "references": refs, "significance": list(sig), "missing": missing, "environment": environment()})
     plot(runs)
     print("\n".join(lines))
+
+
+def _group(label: str) -> str:
+    """Run label without its seed suffix: the unit of a table column."""
+    return label.rsplit("-s", 1)[0] if label.rsplit("-s", 1)[-1].isdigit() else label
+
+
+def category_table(runs: list[Run]) -> list[str]:
+    """Final held-out Rouge-L per task category (weighted within the category), mean over seeds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for label in ["base", "centralised-r8"] + [r.label for r in runs]:
+        ev = _final_eval(label) if finished(label) else None
+        if ev and ev.get("per_category"):
+            groups.setdefault(_group(label), []).append(ev["per_category"])
+    if not groups:
+        return []
+    cats = sorted({c for evs in groups.values() for pc in evs for c in pc})
+    sizes = {c: next(pc[c] for evs in groups.values() for pc in evs if c in pc) for c in cats}
+    names = list(groups)
+    lines = ["", "## Per category (final round; mean over seeds)", "",
+             "Categories of the fixed evaluation subset, with its held-out clients / examples. Rouge-score's default tokenizer drops "
+             "non-ASCII text, so translation into non-Latin scripts scores 0 whatever the model writes.", "",
+             "| category | clients / examples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for c in cats:
+        vals = [statistics.mean(pc[c]["rouge_l_weighted"] for pc in groups[g] if c in pc) for g in names]
+        lines.append(f"| {c} | {sizes[c]['num_clients']} / {sizes[c]['num_examples']} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return lines
+
+
+def diagnostics_table(runs: list[Run]) -> list[str]:
+    """What the server did to the clients' updates, averaged over rounds and seeds (from metrics.jsonl)."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for rec in _eval_rows(r.label):
+            a = rec.get("aggregation")
+            if not a:
+                continue
+            d = acc.setdefault(_group(r.label), {})
+            d.setdefault("rel", []).append(a.get("rel_error_vs_exact", float("nan")))
+            d.setdefault("max_rel", []).append(a.get("max_rel_error_vs_exact", float("nan")))
+            d.setdefault("eff", []).append(a.get("effective_rank", float("nan")))
+            for k, v in (a.get("truncation_error") or {}).items():
+                d.setdefault(f"trunc{k}", []).append(v)
+    if not acc:
+        return []
+    ranks = sorted({int(k[5:]) for d in acc.values() for k in d if k.startswith("trunc")})
+    lines = ["", "## Aggregation diagnostics (mean over rounds and seeds)", "",
+             "*error vs exact*: relative Frobenius distance of the aggregate from the exact data-weighted average of the clients' "
+             "products s·B·A (mean over modules / worst module); *effective rank*: of the aggregate (entropy of its singular "
+             "values); *rank-r error @r*: relative error of the best rank-r approximation of the aggregate, i.e. what a FlexLoRA "
+             "share of that rank loses (a HetLoRA share, the first r columns, loses at least this).", "",
+             "| run | error vs exact (mean / max) | effective rank | " + " | ".join(f"rank-r error @{k}" for k in ranks) + " |",
+             "|---|---|---|" + "---|" * len(ranks)]
+    for g, d in acc.items():
+        trunc = [f"{statistics.mean(d[f'trunc{k}']):.3f}" if d.get(f"trunc{k}") else "–" for k in ranks]
+        lines.append(f"| {g} | {statistics.mean(d['rel']):.3g} / {statistics.mean(d['max_rel']):.3g} | {statistics.mean(d['eff']):.1f} | " + " | ".join(trunc) + " |")
+    return lines
 
 
 def plot(runs: list[Run]) -> None:
@@ -371,7 +429,7 @@ def main() -> None:
             continue
         cfg = build_config(base, r, None)
         scratch = SCRATCH / r.label
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         try:
             sim = Simulation(cfg, scratch, model=model, tokenizer=tokenizer, clients=clients, progress=True)
         except ValueError as e:  # e.g. an algorithm this version does not implement yet
@@ -382,7 +440,7 @@ def main() -> None:
         finally:
             sim.restore_base()
         model = sim.model
-        publish(r.label, scratch, {"tier": r.tier, "row": r.row, "column": r.column, "seed": r.seed, "wall_seconds": time.time() - t0, "planned_tokens_note": "tokens = real (non-padding) tokens processed"})
+        publish(r.label, scratch, {"tier": r.tier, "row": r.row, "column": r.column, "seed": r.seed, "wall_seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, "planned_tokens_note": "tokens = real (non-padding) tokens processed"})
         report(runs, seeds)
 
 

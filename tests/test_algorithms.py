@@ -133,3 +133,14 @@ def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tm
 def test_hetlora_pruning_needs_hetlora_aggregation():
     with pytest.raises(ConfigError, match="hetlora_prune"):
         load_config(SMOKE, [*FAST, "train.hetlora_prune=true"])
+
+
+def test_rslora_runs_with_alpha_over_sqrt_r(shared, tmp_path):
+    sim = _sim(shared, tmp_path, "lora.rslora=true", "federation.rounds=2")
+    try:
+        summary = sim.run()
+    finally:
+        sim.restore_base()
+    specs = [s for spec in sim.fed.specs.values() for s in spec.values()]
+    assert specs and all(s.rslora and s.scale == s.alpha / s.rank**0.5 for s in specs)
+    assert summary["dropped_updates"] == 0  # PEFT's scaling matched the shares' (load_share checks it)

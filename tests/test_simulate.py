@@ -124,6 +124,33 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_
     _adapters_equal(out, reference_run)
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_new_option_and_names_real_changes(reference_run, tmp_path, capsys):
+    """A checkpoint written before an option existed resumes when the option is at its default; a
+    changed value is refused with the key named."""
+    import shutil
+
+    from flexlora.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "old"
+    shutil.copytree(reference_run, out)
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "final")
+    for f in ("checkpoint.prev.pt", "checkpoint.pt"):
+        (out / f).unlink()
+    ckpt = load_checkpoint(reference_run)
+    ckpt.pop("_source")
+    ckpt["fingerprint"] = "from-an-older-flexlora"
+    del ckpt["config"]["lora"]["rslora"], ckpt["config"]["train"]["hetlora_prune"]
+    save_checkpoint(out, ckpt)
+    assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", "--resume", "--set", "train.lr=0.5"]) == 2
+    assert "train.lr: 0.001 -> 0.5" in capsys.readouterr().err
+    assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", "--resume", "--set", "lora.rslora=true"]) == 2
+    assert "lora.rslora = True is new" in capsys.readouterr().err
+    assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", "--resume"]) == 0
+    assert _strip_timings(_metrics(out)) == _strip_timings(_metrics(reference_run))
+    _adapters_equal(out, reference_run)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

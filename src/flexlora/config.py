@@ -53,6 +53,7 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     rank_scale: float = 1.0
     cap_at_width: bool = True
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023): high ranks learn as fast as low ones
 
 
 @dataclass

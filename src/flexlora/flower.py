@@ -443,7 +443,7 @@ class FlowerServer:
         from flexlora.resources import PAPER_TYPES, RankPolicy
 
         sim, cfg = self.sim, self.cfg
-        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width)
+        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width, rslora=cfg.lora.rslora)
         types_def = {**PAPER_TYPES, **cfg.resources.types}
         train, types, specs, notes = [], {}, {}, set(sim.fed.notes)
         for cid, p in sorted(self.profiles.items()):

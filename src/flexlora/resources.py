@@ -87,6 +87,7 @@ class RankPolicy:
     alpha: float = 16.0
     rank_scale: float = 1.0  # multiply every rank (for narrow models); at least 1
     cap_at_width: bool = True  # cap r at min(d_out, d_in): a larger rank adds nothing
+    rslora: bool = False  # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r
     groups: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
 
     def module_ranks(self, group_ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, ModuleSpec], list[str]]:
@@ -104,7 +105,7 @@ class RankPolicy:
                     raise ResourceError(f"rank {r} for module {name} exceeds its width {width} (d_out={d_out}, d_in={d_in}); enable cap_at_width")
                 notes.append(f"{name.rsplit('.', 1)[-1]}: rank {r} capped at width {width}")
                 r = width
-            specs[name] = ModuleSpec(rank=r, alpha=self.alpha)
+            specs[name] = ModuleSpec(rank=r, alpha=self.alpha, rslora=self.rslora)
         return specs, sorted(set(notes))
 
 

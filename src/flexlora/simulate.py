@@ -110,7 +110,7 @@ class Simulation:
             raise ConfigError("the data has no training clients (every client is held out or empty)")
         assert not {c.client_id for c in train} & {c.client_id for c in heldout}
         shapes = target_module_names(self.model, cfg.lora.targets)
-        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width)
+        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width, rslora=cfg.lora.rslora)
         types_def = {**PAPER_TYPES, **cfg.resources.types}
         dist = cfg.resources.custom_distribution or PAPER_DISTRIBUTIONS[cfg.resources.distribution]
         types = assign_types([c.client_id for c in train], dist, seed=derived_seed(cfg.federation.seed, "types"))
@@ -140,7 +140,7 @@ class Simulation:
         policy = BudgetPolicy(ranks=tuple(r.budget_ranks), fluctuation=r.budget_fluctuation)
         budget = budgets[client.client_id % len(budgets)] if budget_mib is None else budget_mib
         rank = policy.rank_for(budget, self.fed.shapes, client.client_id, round, self.cfg.federation.seed)
-        return self._pruned(client.client_id, {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha) for n, s in self.fed.shapes.items()})
+        return self._pruned(client.client_id, {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha, rslora=self.cfg.lora.rslora) for n, s in self.fed.shapes.items()})
 
     def _pruned(self, client_id: int | str, spec: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
         """Cap a spec at the ranks the client has self-pruned to (HetLoRA; nothing otherwise)."""
@@ -191,7 +191,13 @@ class Simulation:
         ckpt = load_checkpoint(self.out) if resume else None
         if ckpt is not None:
             if ckpt["fingerprint"] != fingerprint:
-                raise ConfigError(f"{self.out}: the checkpoint was made with a different config; resume with the same config or use a new --out")
+                saved = ckpt.get("config") or _saved_config(self.out)
+                changed = config_changes(saved, cfg) if saved is not None else ["(the checkpoint's config is not saved beside it)"]
+                if changed:
+                    raise ConfigError(
+                        f"{self.out}: the checkpoint was made with a different config ({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
+                        "resume with the same config or use a new --out"
+                    )
             state = state_from_dict(ckpt["state"])
             self.merged = ckpt["merged"]
             self.client_state = ckpt["client_state"]
@@ -228,7 +234,7 @@ class Simulation:
                 _append(self.out / METRICS, rec)
                 save_checkpoint(
                     self.out,
-                    {"round": rnd, "fingerprint": fingerprint, "state": state_to_dict(state), "merged": self.merged, "client_state": self.client_state},
+                    {"round": rnd, "fingerprint": fingerprint, "config": cfg.to_dict(), "state": state_to_dict(state), "merged": self.merged, "client_state": self.client_state},
                 )
                 bar.advance(rounds_task)
         summary = self.finish(state, history)
@@ -506,6 +512,45 @@ def config_fingerprint(cfg: RunConfig) -> str:
     d.pop("compare", None)
     d["eval"] = {k: v for k, v in d["eval"].items()}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("types", "custom_distribution", "method_options"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The config keys that make a checkpoint unusable for ``cfg``: values that differ, except options
+    the checkpoint's config does not know yet (added to flexlora since) that are at their default,
+    which by construction change nothing. ``name`` and ``compare`` never matter."""
+    old = _flatten(json.loads(json.dumps(saved, default=str)))
+    new = _flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    default = _flatten(json.loads(json.dumps(RunConfig().to_dict(), default=str)))
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key == "name" or key.startswith("compare"):
+            continue
+        if key not in old:
+            if new[key] != default.get(key):
+                changed.append(f"{key} = {new[key]!r} is new")
+        elif key not in new:
+            changed.append(f"{key} no longer exists")
+        elif old[key] != new[key]:
+            changed.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changed
+
+
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    """A checkpoint written before checkpoints carried their config: the run's config.json."""
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def aggregation_spectra(state: ServerState) -> dict[str, dict]:

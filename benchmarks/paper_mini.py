@@ -10,7 +10,8 @@ tokens for every method; generated Rouge-L on a fixed subset of held-out clients
     python benchmarks/paper_mini.py --report          # rebuild paper_mini.md / .json / .png from finished runs
 
 Tiers: 1 = FedIT homogeneous (everyone at the smallest type's rank), HetLoRA and FlexLoRA under
-heavy-tail-strong, 3 seeds each; 2 = HetLoRA and FlexLoRA under uniform and heavy-tail-light;
+heavy-tail-strong, 3 seeds each; scale = the tier-1 rows again with rsLoRA's alpha/sqrt(r), one seed
+(see benchmarks/rank_scale_probe.py for why); 2 = HetLoRA and FlexLoRA under uniform and heavy-tail-light;
 3 = FLoRA, rank-partition, FedAvg(SGD)+FlexLoRA and SLoRA+FlexLoRA under heavy-tail-strong;
 refs = the base model and a centralised LoRA (r=8) with the same number of steps and examples.
 Every finished run is written at once under benchmarks/results/paper_mini/<label>/ (summary,
@@ -59,6 +60,12 @@ def matrix(seeds: list[int]) -> list[Run]:
         runs.append(Run(f"fedit-homo-s{seed}", "1", "FedIT (homogeneous r=8)", "all", seed, {"federation": {"aggregation": "fedavg"}, "resources": {"distribution": "homo"}}))
         for method, row in (("hetlora", "FedIT + HetLoRA"), ("flexlora", "FedIT + FlexLoRA")):
             runs.append(Run(f"{method}-hts-s{seed}", "1", row, "heavy-tail-strong", seed, {"federation": {"aggregation": method}, "resources": {"distribution": "heavy-tail-strong"}}))
+    for method, row, dist in (("fedit", "FedIT (homogeneous r=8)", "homo"), ("hetlora", "FedIT + HetLoRA", "heavy-tail-strong"), ("flexlora", "FedIT + FlexLoRA", "heavy-tail-strong")):
+        # the scale ablation: with alpha/r a rank-200 client learns no more in 3 steps than a rank-8 one
+        # (benchmarks/rank_scale_probe.py); rsLoRA's alpha/sqrt(r) lets the larger ranks count
+        short = "homo" if dist == "homo" else "hts"
+        changes = {"federation": {"aggregation": "fedavg" if method == "fedit" else method}, "resources": {"distribution": dist}, "lora": {"rslora": True}}
+        runs.append(Run(f"{method}-{short}-rslora-s0", "scale", row + " [rsLoRA]", "all" if dist == "homo" else dist, 0, changes))
     for short in ("uniform", "htl"):
         for method, row in (("hetlora", "FedIT + HetLoRA"), ("flexlora", "FedIT + FlexLoRA")):
             runs.append(Run(f"{method}-{short}-s0", "2", row, DISTS[short], 0, {"federation": {"aggregation": method}, "resources": {"distribution": DISTS[short]}}))
@@ -269,9 +276,16 @@ def report(runs: list[Run], seeds: list[int]) -> None:
     for lab, s in refs.items():
         if s:
             lines.append(f"| *reference: {s.get('row', lab)}* | " + " | ".join(cell([s["rouge_l_weighted"]]) for _ in columns) + " |")
-    sig = significance("fedit-homo", "flexlora-hts", seeds), significance("hetlora-hts", "flexlora-hts", seeds)
-    lines += ["", "## Tier 1 significance (heavy-tail-strong)", ""]
+    sig = (
+        significance("fedit-homo", "flexlora-hts", seeds),
+        significance("hetlora-hts", "flexlora-hts", seeds),
+        significance("fedit-homo-rslora", "flexlora-hts-rslora", [0]),
+        significance("hetlora-hts-rslora", "flexlora-hts-rslora", [0]),
+    )
+    lines += ["", "## Significance (heavy-tail-strong; tier 1 over seeds and (seed, client) pairs, the rsLoRA ablation over clients)", ""]
     for s in sig:
+        if not s["seeds"]:
+            continue
         t = s["paired_t_over_seeds"]
         lines.append(
             f"- {s['comparison']}: seed differences {['%.2f' % d for d in s['seed_diffs']]}; "
@@ -388,7 +402,7 @@ def plot(runs: list[Run]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tier", default="1", help="1, 2, 3, refs, or all (comma-separated)")
+    ap.add_argument("--tier", default="1", help="1, scale, 2, 3, refs, or all (comma-separated)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", help="run only these labels (comma-separated)")
     ap.add_argument("--data", help="NI data path (default: the config's ../shared path)")

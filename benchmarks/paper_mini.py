@@ -111,6 +111,8 @@ def publish(label: str, scratch: Path, extra: dict[str, Any]) -> None:
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
+    for ckpt in scratch.glob("checkpoint*.pt"):  # the run is finished and published: free the disk (GBs per run)
+        ckpt.unlink()
 
 
 # -- token planning -----------------------------------------------------------------------------

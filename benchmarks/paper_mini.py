@@ -97,6 +97,20 @@ def finished(label: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def global_update_norm(scratch: Path) -> float | None:
+    """||Delta W||_F over all target modules of a finished run's final global update (how far the
+    federation moved the model from the base), or None when the run has no final adapter."""
+    from flexlora.lowrank import factored_fro_norm
+    from flexlora.peft_io import read_adapter
+
+    folder = scratch / "final" / "global"
+    if not folder.is_dir():
+        return None
+    adapter = read_adapter(folder)
+    total = sum((f.scale * factored_fro_norm(f.B.double(), f.A.double())) ** 2 for f in adapter.modules.values())
+    return math.sqrt(total)  # global/ includes FLoRA's merges into the base weights
+
+
 def publish(label: str, scratch: Path, extra: dict[str, Any]) -> None:
     """Copy a finished run's small files into the committed results folder."""
     dest = OUT / label
@@ -108,6 +122,7 @@ def publish(label: str, scratch: Path, extra: dict[str, Any]) -> None:
             shutil.copy2(scratch / name, tmp / name)
     summary = json.loads((scratch / "summary.json").read_text()) if (scratch / "summary.json").exists() else {}
     summary.update(extra)
+    summary["global_update_norm"] = global_update_norm(scratch)
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -192,6 +207,12 @@ def _final_eval(label: str) -> dict[str, Any] | None:
     return evals[-1] if evals else None
 
 
+def run_seconds(label: str) -> float:
+    """Training + aggregation + diagnostics + evaluation seconds summed over rounds (from metrics.jsonl):
+    unlike the process wall time it survives resumption and excludes time the process was paused."""
+    return sum(sum(r.get("timings", {}).values()) + r.get("eval", {}).get("seconds", 0.0) for r in _eval_rows(label))
+
+
 def _t_test_df(d: list[float]) -> dict[str, float] | None:
     """Paired t-test over seeds; exact two-sided p for the small df we have (df=1: Cauchy, df=2: closed form)."""
     n = len(d)
@@ -250,6 +271,9 @@ def report(runs: list[Run], seeds: list[int]) -> None:
         s = finished(r.label)
         if s is None:
             continue
+        if s.get("global_update_norm") is None and (SCRATCH / r.label / "final").is_dir():  # runs published before the field existed
+            s["global_update_norm"] = global_update_norm(SCRATCH / r.label)
+            (OUT / r.label / "summary.json").write_text(json.dumps(s, indent=2, sort_keys=True))
         raw.append(s)
         if s.get("rouge_l_weighted") is not None:
             rows.setdefault(r.row, {}).setdefault(r.column, []).append(s["rouge_l_weighted"])
@@ -294,13 +318,13 @@ def report(runs: list[Run], seeds: list[int]) -> None:
             + (f"paired t over {t['n']} seeds t = {t['t']:.2f}, p = {t['p_two_sided']:.3f}; " if t else "fewer than 2 paired seeds; ")
             + (f"over {s['client_pairs']} (seed, client) pairs mean {s['client_mean_diff']:.2f}, sign-flip p = {s['sign_flip_p_over_client_pairs']:.3f}" if s["client_pairs"] else "")
         )
-    lines += ["", "## Runs", "", "| run | tier | tokens | rounds | train loss | Rouge-L (weighted) | Rouge-L (mean) | teacher-forced proxy | eval loss proxy | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "*final ‖ΔW‖_F*: Frobenius norm, over all target modules, of the final global update (how far the federation moved the base model); *run s*: training + aggregation + evaluation seconds from metrics.jsonl (2 cores; other work sometimes ran beside it).", "", "| run | tier | tokens | rounds | train loss | Rouge-L (weighted) | Rouge-L (mean) | teacher-forced proxy | eval loss proxy | final ‖ΔW‖_F | run s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in raw:
         ev = _final_eval(s["name"]) or {}
         f = lambda x, p=2: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
         lines.append(
             f"| {s['name']} | {s.get('tier')} | {s.get('tokens')} | {s.get('rounds')} | {f(s.get('final_train_loss'), 3)} | {f(s.get('rouge_l_weighted'))} | {f(s.get('rouge_l_mean'))} | "
-            f"{f(ev.get('proxy_teacher_forced_rouge_l_weighted'))} | {f(ev.get('proxy_eval_loss'), 3)} | {f(s.get('wall_seconds'), 0)} |"
+            f"{f(ev.get('proxy_teacher_forced_rouge_l_weighted'))} | {f(ev.get('proxy_eval_loss'), 3)} | {f(s.get('global_update_norm'), 3)} | {run_seconds(s['name']):.0f} |"
         )
     lines += category_table(runs) + diagnostics_table(runs)
     missing = [r.label for r in runs if finished(r.label) is None]

@@ -271,9 +271,6 @@ def report(runs: list[Run], seeds: list[int]) -> None:
         s = finished(r.label)
         if s is None:
             continue
-        if s.get("global_update_norm") is None and (SCRATCH / r.label / "final").is_dir():  # runs published before the field existed
-            s["global_update_norm"] = global_update_norm(SCRATCH / r.label)
-            (OUT / r.label / "summary.json").write_text(json.dumps(s, indent=2, sort_keys=True))
         raw.append(s)
         if s.get("rouge_l_weighted") is not None:
             rows.setdefault(r.row, {}).setdefault(r.column, []).append(s["rouge_l_weighted"])

@@ -159,13 +159,12 @@ class Simulation:
         for u in updates:
             pruned, tail, did = self_prune(u, self.cfg.train.hetlora_gamma, tails.get(u.client_id))
             tails[u.client_id] = tail
+            entry = log.get(u.client_id, {})
+            entry["tail_norm"] = tail
             if did:
                 ranks[u.client_id] = {n: f.rank for n, f in pruned.modules.items()}
                 specs[u.client_id] = {n: replace(s, rank=pruned.modules[n].rank) for n, s in specs[u.client_id].items()}
-                if u.client_id in log:
-                    log[u.client_id]["pruned_to"] = _rank_summary(specs[u.client_id])
-            if u.client_id in log:
-                log[u.client_id]["tail_norm"] = tail
+                entry["pruned_to"] = _rank_summary(specs[u.client_id])
             out.append(pruned)
         return out
 
@@ -528,9 +527,10 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The config keys that make a checkpoint unusable for ``cfg``: values that differ, except options
     the checkpoint's config does not know yet (added to flexlora since) that are at their default,
     which by construction change nothing. ``name`` and ``compare`` never matter."""
-    old = _flatten(json.loads(json.dumps(saved, default=str)))
-    new = _flatten(json.loads(json.dumps(cfg.to_dict(), default=str)))
-    default = _flatten(json.loads(json.dumps(RunConfig().to_dict(), default=str)))
+    def plain(d: dict[str, Any]) -> dict[str, Any]:  # as config.json stores it: JSON types, flat dotted keys
+        return _flatten(json.loads(json.dumps(d, default=str)))
+
+    old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
     changed = []
     for key in sorted(set(old) | set(new)):
         if key == "name" or key.startswith("compare"):

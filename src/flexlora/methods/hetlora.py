@@ -77,27 +77,21 @@ def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:
     return torch.linalg.matrix_norm(B[:, q:]) * torch.linalg.matrix_norm(A[q:, :])
 
 
-def tail_norm(A: Tensor, B: Tensor, gamma: float) -> float:
-    """The value of :func:`self_pruning_penalty` (no gradient): how much the tail ranks carry."""
-    return float(self_pruning_penalty(A.detach(), B.detach(), gamma))
-
-
 def self_prune(update: ClientUpdate, gamma: float, previous_tail_norm: float | None) -> tuple[ClientUpdate, float, bool]:
     """HetLoRA's rank self-pruning, run on a client's update after local training.
 
-    The client's tail norm is the sum over its modules of ``||B[:, q:]||_F * ||A[q:, :]||_F`` with
-    ``q = floor(gamma * r)`` (the quantity the regulariser pushes down). When it is smaller than at the
-    client's previous round, every module drops its tail and keeps rank ``max(1, q)``; the kept factors
-    keep their scale, so the update is ``scale * B[:, :q] @ A[:q]`` exactly. Returns
-    ``(update, tail norm, pruned)``; the caller stores the tail norm for the client's next round.
+    The client's tail norm is the sum over its modules of :func:`self_pruning_penalty` (the quantity
+    the regulariser pushes down). When it is smaller than at the client's previous round, every module
+    drops its tail and keeps rank ``max(1, floor(gamma * r))``; the kept factors keep their scale, so
+    the update is ``scale * B[:, :q] @ A[:q]`` exactly. Returns ``(update, tail norm, pruned)``; the
+    caller stores the tail norm for the client's next round.
     """
-    if not 0 < gamma <= 1:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    tail = sum(tail_norm(f.A, f.B, gamma) for f in update.modules.values())
+    tail = sum(float(self_pruning_penalty(f.A, f.B, gamma)) for f in update.modules.values())
     if previous_tail_norm is None or not tail < previous_tail_norm:
         return update, tail, False
-    modules = {}
+    modules, pruned = {}, False
     for name, f in update.modules.items():
         q = max(1, int(math.floor(gamma * f.rank)))
+        pruned |= q < f.rank
         modules[name] = LoraFactors(A=f.A[:q].clone(), B=f.B[:, :q].clone(), scale=f.scale) if q < f.rank else f
-    return replace(update, modules=modules), tail, any(modules[n].rank < f.rank for n, f in update.modules.items())
+    return replace(update, modules=modules), tail, pruned

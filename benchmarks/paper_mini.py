@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -341,7 +342,7 @@ def report(runs: list[Run], seeds: list[int]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "paper_mini.md").write_text("\n".join(lines) + "\n")
     write_json(RESULTS_DIR / "paper_mini.json", {"runs": raw, "references": refs, "significance": list(sig), "missing": missing, "environment": environment()})
-    plot(runs)
+    plot(runs, seeds)
     print("\n".join(lines))
 
 
@@ -404,35 +405,90 @@ def diagnostics_table(runs: list[Run]) -> list[str]:
     return lines
 
 
-def plot(runs: list[Run]) -> None:
+PANELS: list[tuple[str, list[tuple[str, str, str]]]] = [
+    # (title, [(run label without -s<seed> unless pinned, legend, style key)])
+    ("Tier 1: heavy-tail-strong (mean ± std over seeds)", [
+        ("fedit-homo", "FedIT, everyone r=8", "homo"),
+        ("hetlora-hts", "FedIT + HetLoRA", "hetlora"),
+        ("flexlora-hts", "FedIT + FlexLoRA", "flexlora"),
+    ]),
+    ("Scale: rsLoRA (solid) vs alpha/r (dotted), seed 0", [
+        ("fedit-homo-rslora-s0", "FedIT, everyone r=8", "homo"),
+        ("hetlora-hts-rslora-s0", "FedIT + HetLoRA", "hetlora"),
+        ("flexlora-hts-rslora-s0", "FedIT + FlexLoRA", "flexlora"),
+        ("fedit-homo-s0", "", "homo:"),
+        ("hetlora-hts-s0", "", "hetlora:"),
+        ("flexlora-hts-s0", "", "flexlora:"),
+    ]),
+    ("Tier 2: distributions, seed 0 (uniform --, light -., strong -)", [
+        ("fedit-homo-s0", "FedIT, everyone r=8", "homo"),
+        ("hetlora-uniform-s0", "HetLoRA", "hetlora--"), ("hetlora-htl-s0", "", "hetlora-."), ("hetlora-hts-s0", "", "hetlora"),
+        ("flexlora-uniform-s0", "FlexLoRA", "flexlora--"), ("flexlora-htl-s0", "", "flexlora-."), ("flexlora-hts-s0", "", "flexlora"),
+    ]),
+    ("Tier 3: heavy-tail-strong, seed 0", [
+        ("flexlora-hts-s0", "FedIT + FlexLoRA", "flexlora"),
+        ("flora-hts-s0", "FedIT + FLoRA", "flora"),
+        ("rank_partition-hts-s0", "FedIT + rank-partition", "rank_partition"),
+        ("slora-flexlora-hts-s0", "SLoRA + FlexLoRA", "slora"),
+        ("fedavg_sgd-flexlora-hts-s0", "FedAvg(SGD) + FlexLoRA", "sgd_flexlora"),
+        ("fedavg_sgd-homo-s0", "FedAvg(SGD), everyone r=8", "sgd_homo"),
+    ]),
+]
+COLORS = {"homo": "tab:blue", "hetlora": "tab:orange", "flexlora": "tab:green", "flora": "tab:red",
+          "rank_partition": "tab:purple", "slora": "tab:brown", "sgd_flexlora": "tab:olive", "sgd_homo": "tab:cyan"}
+
+
+def _curve(label: str, seeds: list[int]) -> tuple[list[int], list[float], list[float]]:
+    """Rounds, mean and std of held-out Rouge-L over the seeds that have ``label`` (or the pinned label)."""
+    labels = [label] if re.search(r"-s\d+$", label) else [f"{label}-s{s}" for s in seeds]
+    per_round: dict[int, list[float]] = {}
+    for lab in labels:
+        for rec in _eval_rows(lab):
+            if "eval" in rec:
+                per_round.setdefault(rec["round"], []).append(rec["eval"]["rouge_l_weighted"])
+    xs = sorted(per_round)
+    return xs, [statistics.mean(per_round[x]) for x in xs], [statistics.stdev(per_round[x]) if len(per_round[x]) > 1 else 0.0 for x in xs]
+
+
+def plot(runs: list[Run], seeds: list[int]) -> None:
+    """One panel per question (tier 1, scale, distributions, peers): one plot of 17 curves is unreadable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[int, list[float]]] = {}
-    for r in runs:
-        for rec in _eval_rows(r.label):
-            if "eval" in rec:
-                series.setdefault(f"{r.row} [{r.column}]", {}).setdefault(rec["round"], []).append(rec["eval"]["rouge_l_weighted"])
-    if not series:
-        return
-    fig, ax = plt.subplots(figsize=(9, 5))
-    base = finished("base")
-    for name, pts in sorted(series.items()):
-        xs = sorted(pts)
-        ys = [statistics.mean(pts[x]) for x in xs]
+    base, cen = finished("base"), finished("centralised-r8")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=True)
+    drew = False
+    for ax, (title, curves) in zip(axes.flat, PANELS):
+        for label, legend, style in curves:
+            xs, ys, sd = _curve(label, seeds)
+            if not xs:
+                continue
+            drew = True
+            key = style.rstrip("-.:")
+            ls = {"--": "--", "-.": "-.", ":": ":"}.get(style[len(key):], "-")
+            if base:
+                xs, ys, sd = [0] + xs, [base["rouge_l_weighted"]] + ys, [0.0] + sd
+            ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=COLORS[key], label=legend or None)
+            if any(sd):
+                ax.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)], color=COLORS[key], alpha=0.15)
+        if cen and cen.get("rouge_l_weighted") is not None:
+            ax.axhline(cen["rouge_l_weighted"], color="grey", ls="--", lw=1, label="centralised r=8")
         if base:
-            xs, ys = [0] + xs, [base["rouge_l_weighted"]] + ys
-        ax.plot(xs, ys, marker="o", label=name)
-    cen = finished("centralised-r8")
-    if cen and cen.get("rouge_l_weighted") is not None:
-        ax.axhline(cen["rouge_l_weighted"], color="grey", ls="--", label="centralised LoRA r=8 (same steps)")
-    ax.set(xlabel="round", ylabel="Rouge-L (held-out, weighted)", title="Paper-mini: zero-shot Rouge-L per round (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+            ax.axhline(base["rouge_l_weighted"], color="grey", ls=":", lw=1, label="base model")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    if not drew:
+        plt.close(fig)
+        return
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out Rouge-L (weighted)")
+    fig.suptitle("Paper-mini: zero-shot Rouge-L on 32 held-out NI clients, SmolLM2-135M, ~108k training tokens per run")
     fig.tight_layout()
-    fig.savefig(RESULTS_DIR / "paper_mini.png", dpi=120)
+    fig.savefig(RESULTS_DIR / "paper_mini.png", dpi=110)
     plt.close(fig)
 
 

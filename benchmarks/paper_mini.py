@@ -405,33 +405,25 @@ def diagnostics_table(runs: list[Run]) -> list[str]:
     return lines
 
 
-PANELS: list[tuple[str, list[tuple[str, str, str]]]] = [
-    # (title, [(run label without -s<seed> unless pinned, legend, style key)])
-    ("Tier 1: heavy-tail-strong (mean ± std over seeds)", [
-        ("fedit-homo", "FedIT, everyone r=8", "homo"),
-        ("hetlora-hts", "FedIT + HetLoRA", "hetlora"),
-        ("flexlora-hts", "FedIT + FlexLoRA", "flexlora"),
-    ]),
-    ("Scale: rsLoRA (solid) vs alpha/r (dotted), seed 0", [
-        ("fedit-homo-rslora-s0", "FedIT, everyone r=8", "homo"),
-        ("hetlora-hts-rslora-s0", "FedIT + HetLoRA", "hetlora"),
-        ("flexlora-hts-rslora-s0", "FedIT + FlexLoRA", "flexlora"),
-        ("fedit-homo-s0", "", "homo:"),
-        ("hetlora-hts-s0", "", "hetlora:"),
-        ("flexlora-hts-s0", "", "flexlora:"),
-    ]),
-    ("Tier 2: distributions, seed 0 (uniform --, light -., strong -)", [
-        ("fedit-homo-s0", "FedIT, everyone r=8", "homo"),
-        ("hetlora-uniform-s0", "HetLoRA", "hetlora--"), ("hetlora-htl-s0", "", "hetlora-."), ("hetlora-hts-s0", "", "hetlora"),
-        ("flexlora-uniform-s0", "FlexLoRA", "flexlora--"), ("flexlora-htl-s0", "", "flexlora-."), ("flexlora-hts-s0", "", "flexlora"),
+TIER1_CURVES = [("fedit-homo", "FedIT, everyone r=8", "homo"), ("hetlora-hts", "FedIT + HetLoRA", "hetlora"),
+                ("flexlora-hts", "FedIT + FlexLoRA", "flexlora")]
+# (title, [(run label; without -s<seed> it is averaged over seeds, legend, colour key, line style)])
+PANELS: list[tuple[str, list[tuple[str, str, str, str]]]] = [
+    ("Tier 1: heavy-tail-strong (mean ± std over seeds)", [(lab, leg, key, "-") for lab, leg, key in TIER1_CURVES]),
+    ("Scale: rsLoRA (solid) vs alpha/r (dotted), seed 0",
+     [(f"{lab}-rslora-s0", leg, key, "-") for lab, leg, key in TIER1_CURVES] + [(f"{lab}-s0", "", key, ":") for lab, _, key in TIER1_CURVES]),
+    ("Tier 2: distributions, seed 0 (uniform --, light -., strong -)", [("fedit-homo-s0", "FedIT, everyone r=8", "homo", "-")] + [
+        (f"{method}-{dist}-s0", legend if dist == "uniform" else "", method, ls)
+        for method, legend in (("hetlora", "HetLoRA"), ("flexlora", "FlexLoRA"))
+        for dist, ls in (("uniform", "--"), ("htl", "-."), ("hts", "-"))
     ]),
     ("Tier 3: heavy-tail-strong, seed 0", [
-        ("flexlora-hts-s0", "FedIT + FlexLoRA", "flexlora"),
-        ("flora-hts-s0", "FedIT + FLoRA", "flora"),
-        ("rank_partition-hts-s0", "FedIT + rank-partition", "rank_partition"),
-        ("slora-flexlora-hts-s0", "SLoRA + FlexLoRA", "slora"),
-        ("fedavg_sgd-flexlora-hts-s0", "FedAvg(SGD) + FlexLoRA", "sgd_flexlora"),
-        ("fedavg_sgd-homo-s0", "FedAvg(SGD), everyone r=8", "sgd_homo"),
+        ("flexlora-hts-s0", "FedIT + FlexLoRA", "flexlora", "-"),
+        ("flora-hts-s0", "FedIT + FLoRA", "flora", "-"),
+        ("rank_partition-hts-s0", "FedIT + rank-partition", "rank_partition", "-"),
+        ("slora-flexlora-hts-s0", "SLoRA + FlexLoRA", "slora", "-"),
+        ("fedavg_sgd-flexlora-hts-s0", "FedAvg(SGD) + FlexLoRA", "sgd_flexlora", "-"),
+        ("fedavg_sgd-homo-s0", "FedAvg(SGD), everyone r=8", "sgd_homo", "-"),
     ]),
 ]
 COLORS = {"homo": "tab:blue", "hetlora": "tab:orange", "flexlora": "tab:green", "flora": "tab:red",
@@ -461,13 +453,11 @@ def plot(runs: list[Run], seeds: list[int]) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=True)
     drew = False
     for ax, (title, curves) in zip(axes.flat, PANELS):
-        for label, legend, style in curves:
+        for label, legend, key, ls in curves:
             xs, ys, sd = _curve(label, seeds)
             if not xs:
                 continue
             drew = True
-            key = style.rstrip("-.:")
-            ls = {"--": "--", "-.": "-.", ":": ":"}.get(style[len(key):], "-")
             if base:
                 xs, ys, sd = [0] + xs, [base["rouge_l_weighted"]] + ys, [0.0] + sd
             ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=COLORS[key], label=legend or None)

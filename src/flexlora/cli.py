@@ -48,6 +48,14 @@ def _parse_weights(text: str | None) -> list[float] | None:
         raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` assignments, plus ``--device`` as ``model.device``."""
+    out = list(args.set)
+    if getattr(args, "device", None):
+        out.append(f"model.device={json.dumps(args.device)}")
+    return out
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from flexlora.aggregate_dirs import aggregate_adapter_dirs
 
@@ -75,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flexlora.config import load_config
     from flexlora.simulate import Simulation
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, _overrides(args))
     sim = Simulation(cfg, Path(args.out), progress=not args.quiet)
     summary = sim.run(resume=args.resume)
     from flexlora.compare import print_table
@@ -91,7 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from flexlora.compare import expand_runs, print_table, run_compare
     from flexlora.config import load_config_dict
 
-    base = load_config_dict(args.config, args.set)
+    base = load_config_dict(args.config, _overrides(args))
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     runs = expand_runs(base, methods)
     summaries = run_compare(runs, Path(args.out), progress=not args.quiet)
@@ -109,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flexlora.models import load_model
     from flexlora.simulate import load_clients
 
-    overrides = list(args.set)
+    overrides = _overrides(args)
     if args.data:
         overrides += [f'data.kind="{args.data_kind}"', f'data.path="{args.data}"']
     if args.model:
@@ -159,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. federation.rounds=5")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--device", help="where the model trains and evaluates: auto, cpu, cuda, cuda:N, mps (sets model.device)")
     run.set_defaults(func=cmd_run)
 
     cmp_ = sub.add_parser("compare", help="several methods on the same config and seed; one table and plot")
@@ -167,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--methods", help="comma-separated aggregation methods (instead of [[compare]] tables)")
     cmp_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cmp_.add_argument("--quiet", action="store_true")
+    cmp_.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (sets model.device)")
     cmp_.set_defaults(func=cmd_compare)
 
     ev = sub.add_parser("eval", help="zero-shot Rouge-L of a base model or adapter on held-out clients")
@@ -179,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="result JSON file")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (sets model.device)")
     ev.set_defaults(func=cmd_eval)
     return parser
 

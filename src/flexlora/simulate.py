@@ -30,10 +30,10 @@ from flexlora.diagnostics import aggregation_report, spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.methods.hetlora import self_prune
-from flexlora.models import load_model, resolve_dtype
+from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype, resolve_model_dtype
 from flexlora.peft_io import write_adapter
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types, target_module_names
-from flexlora.train import LocalTrainer, apply_dense_delta, sparse_mask, train_client_sparse
+from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta, sparse_mask, train_client_sparse
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
 from flexlora.validate import ValidationConfig, screen_updates
 
@@ -97,7 +97,9 @@ class Simulation:
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, cfg.train)
         self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
         # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
-        self.originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in self.fed.shapes}
+        # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)
+        self.quantized = is_quantized(self.model)
+        self.originals = {} if self.quantized else {n: self.model.get_submodule(n).weight.detach().clone() for n in self.fed.shapes}
         self.merged: dict[str, Tensor] = {}  # FLoRA: cumulative update merged into the base weights
         self.client_state: dict[str, Any] = {}
 
@@ -128,7 +130,8 @@ class Simulation:
     def _method(self) -> AggregationMethod:
         fed = self.cfg.federation
         options = dict(fed.method_options)
-        return get_method(fed.aggregation, dtype=resolve_dtype(fed.server_dtype), seed=fed.seed, **options)
+        device = resolve_device(fed.server_device, "federation.server_device")
+        return get_method(fed.aggregation, dtype=resolve_dtype(fed.server_dtype), seed=fed.seed, device=device, **options)
 
     def spec_for(self, client: ClientData, round: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
         """The client's per-module ranks this round; ``budget_mib`` overrides the configured budget
@@ -202,6 +205,8 @@ class Simulation:
             self.client_state = ckpt["client_state"]
             start_round = ckpt["round"] + 1
             history = _read_metrics(self.out / METRICS, upto=ckpt["round"])
+            if ckpt.get("record") and (not history or history[-1].get("round", 0) < ckpt["round"]):
+                history.append(ckpt["record"])  # killed between the checkpoint and its metrics line
         elif resume is False and (self.out / METRICS).exists():
             (self.out / METRICS).unlink()
         _write_metrics(self.out / METRICS, history)
@@ -228,13 +233,26 @@ class Simulation:
                     rec, state = round_fn(rnd, state, bar)
                 evaluate_now = (cfg.eval.every and rnd % cfg.eval.every == 0) or rnd == cfg.federation.rounds
                 if evaluate_now and self.fed.eval_clients:
+                    t_eval = time.perf_counter()
                     rec["eval"] = self.evaluate(state)
-                history.append(rec)
-                _append(self.out / METRICS, rec)
+                    rec.setdefault("timings", {})["eval"] = time.perf_counter() - t_eval
+                rec = json.loads(json.dumps(rec, sort_keys=True, default=_json_default))  # plain data from here on
+                t_ckpt = time.perf_counter()
                 save_checkpoint(
                     self.out,
-                    {"round": rnd, "fingerprint": fingerprint, "config": cfg.to_dict(), "state": state_to_dict(state), "merged": self.merged, "client_state": self.client_state},
+                    {
+                        "round": rnd,
+                        "fingerprint": fingerprint,
+                        "config": cfg.to_dict(),
+                        "state": state_to_dict(state),
+                        "merged": self.merged,
+                        "client_state": self.client_state,
+                        "record": rec,
+                    },
                 )
+                rec.setdefault("timings", {})["checkpoint"] = time.perf_counter() - t_ckpt
+                history.append(rec)
+                _append(self.out / METRICS, rec)
                 bar.advance(rounds_task)
         summary = self.finish(state, history)
         return summary
@@ -268,6 +286,13 @@ class Simulation:
                 continue
             try:
                 result = self.trainer.train_client(client, spec, share, seed=derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
+            except ClientOutOfMemory as e:  # memory already released by the trainer
+                dropped[cid] = [str(e)]
+                entry["status"] = "oom"
+                clients_log.append(entry)
+                if bar is not None:
+                    bar.advance(task)
+                continue
             except (ValueError, RuntimeError) as e:  # one client's failure must not end the round
                 dropped[cid] = [f"local training failed: {e}"]
                 entry["status"] = "error"
@@ -333,7 +358,7 @@ class Simulation:
             self._set_base_weights()
         weights = [new_state.weights[u.client_id] for u in accepted]
         share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
-        report = aggregation_report(new_state, accepted, weights, share_ranks)
+        report = aggregation_report(new_state, accepted, weights, share_ranks, exact=self.method.exact_aggregate)
         rec["aggregation"] = summarise(report)
         rec["aggregation"]["per_layer_type"] = _per_leaf(report)
         rec["train_loss"] = _mean([e["loss_mean"] for e in clients_log if e.get("status") == "ok"])
@@ -435,12 +460,32 @@ class Simulation:
 
     def evaluate(self, state: ServerState) -> dict[str, Any]:
         cfg = self.cfg.eval
+        ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
+        if self.quantized:
+            return self._evaluate_as_adapter(state, ecfg)
         self._set_base_weights(self.adapter_deltas(state))
         try:
-            ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
             result = evaluate_clients(self.model, self.tokenizer, self.fed.eval_clients, ecfg, progress=self.progress)
         finally:
             self._set_base_weights()
+        return result.to_dict()
+
+    def _evaluate_as_adapter(self, state: ServerState, ecfg: EvalConfig) -> dict[str, Any]:
+        """A quantised base cannot take ``W0 + delta``: the global update is attached as a LoRA
+        adapter at its own rank with scale 1 (``B @ A`` exactly), evaluated, and removed."""
+        modules = {n: gm for n, gm in state.adapter.items() if gm.rank}
+        if not modules:
+            return evaluate_clients(self.model, self.tokenizer, self.fed.eval_clients, ecfg, progress=self.progress).to_dict()
+        spec = {n: ModuleSpec(rank=gm.rank, alpha=float(gm.rank)) for n, gm in modules.items()}
+        factors = {n: LoraFactors(A=gm.A.float(), B=gm.B.float(), scale=1.0) for n, gm in modules.items()}
+        peft_model = self.trainer.attach(spec)
+        try:
+            self.trainer.load_share(peft_model, factors)
+            peft_model.eval()
+            result = evaluate_clients(peft_model, self.tokenizer, self.fed.eval_clients, ecfg, progress=self.progress)
+        finally:
+            self.trainer.detach(peft_model)
+            self.model = self.trainer.model
         return result.to_dict()
 
     def restore_base(self) -> None:
@@ -523,6 +568,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+RUNS_ANYWHERE = ("model.device", "federation.server_device")  # a run moves between devices: not a config change
+
+
 def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """The config keys that make a checkpoint unusable for ``cfg``: values that differ, except options
     the checkpoint's config does not know yet (added to flexlora since) that are at their default,
@@ -531,9 +579,13 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
         return _flatten(json.loads(json.dumps(d, default=str)))
 
     old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
+    here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
+    for d in (old, new, default):  # "auto" means what it resolves to on this machine
+        if d.get("model.dtype") == "auto":
+            d["model.dtype"] = here
     changed = []
     for key in sorted(set(old) | set(new)):
-        if key == "name" or key.startswith("compare"):
+        if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE:
             continue
         if key not in old:
             if new[key] != default.get(key):

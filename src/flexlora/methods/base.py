@@ -37,9 +37,16 @@ class AggregationMethod(ABC):
     paper: ClassVar[str]
     supports_heterogeneous_ranks: ClassVar[bool] = True
 
-    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype  # the dtype the server computes in
         self.seed = seed  # seeds the random rows given to ranks the state does not fill
+        self.device = torch.device(device)  # where the server computes; the state it returns is on the CPU
+
+    @property
+    def exact_aggregate(self) -> bool:
+        """True when the global update equals ``sum_k p_k s_k B_k A_k`` by construction (property-
+        tested); diagnostics then estimate the distance to it instead of computing it exactly."""
+        return False
 
     # -- the interface ---------------------------------------------------------------------------
     @abstractmethod
@@ -90,7 +97,7 @@ class AggregationMethod(ABC):
         return ServerState(
             method=self.name,
             round=round,
-            adapter=adapter,
+            adapter=modules_on_cpu(adapter),
             weights={u.client_id: float(w) for u, w in zip(updates, p)},
             info={"seed": self.seed, **info},
         )
@@ -102,6 +109,14 @@ class AggregationMethod(ABC):
         if k < rank:
             B, A = _pad_with_fresh_rows(B, A, rank, _module_seed(state, name))
         return LoraFactors(A=A.contiguous(), B=B.contiguous(), scale=scale)
+
+
+def modules_on_cpu(modules: Mapping[str, GlobalModule]) -> dict[str, GlobalModule]:
+    """Server state lives on the CPU whatever device computed it, so a run moves between devices."""
+    def cpu(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.cpu()
+
+    return {n: GlobalModule(A=cpu(gm.A), B=cpu(gm.B), spectrum=cpu(gm.spectrum)) for n, gm in modules.items()}
 
 
 def _module_seed(state: ServerState, name: str) -> int:
@@ -138,10 +153,10 @@ def zero_pad(t: Tensor, rank: int, dim: int) -> Tensor:
         return t
     shape = list(t.shape)
     shape[dim] = missing
-    return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=dim)
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def scaled_factors(u: ClientUpdate, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(scale * B, A) of one module in the server's dtype: the effective update, scale applied first."""
+def scaled_factors(u: ClientUpdate, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(scale * B, A) of one module in the server's dtype and on its device: the effective update, scale applied first."""
     f = u.modules[name]
-    return f.scale * f.B.to(dtype), f.A.to(dtype)
+    return f.scale * f.B.to(device, dtype), f.A.to(device, dtype)

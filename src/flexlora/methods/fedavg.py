@@ -27,7 +27,7 @@ class FedAvg(AggregationMethod):
         self.check_specs([u.spec() for u in updates])
         adapter: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
-            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
             # The scale is folded into B so clients with different alpha still average their effective B.
             B = sum(w * sB for w, (sB, _) in zip(p, pairs))
             A = sum(w * A for w, (_, A) in zip(p, pairs))

@@ -23,13 +23,14 @@ class FFALoRA(AggregationMethod):
     paper = "Sun et al., ICLR 2024 (arXiv:2403.12313)"
     supports_heterogeneous_ranks = False
     trains_A = False  # local training freezes lora_A
+    exact_aggregate = True  # one shared A: mean(B) A == mean(B A)
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)
         self.check_specs([u.spec() for u in updates])
         adapter: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
-            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
             A0 = pairs[0][1]
             for u, (_, A) in zip(updates, pairs):
                 if not torch.equal(A, A0):

@@ -33,8 +33,9 @@ class FlexLoRA(AggregationMethod):
         keep_rank: int | None = None,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(dtype=dtype, seed=seed)
+        super().__init__(dtype=dtype, seed=seed, device=device)
         if singular_values not in ("B", "sqrt"):
             raise ValueError(f"singular_values must be 'B' (paper) or 'sqrt', got {singular_values!r}")
         if keep_rank is not None and keep_rank < 1:
@@ -45,12 +46,16 @@ class FlexLoRA(AggregationMethod):
         # triplets, enough to serve every client up to that rank, at lower server time and memory.
         self.keep_rank = keep_rank
 
+    @property
+    def exact_aggregate(self) -> bool:
+        return self.keep_rank is None
+
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)
         adapter: dict[str, GlobalModule] = {}
         paths: dict[str, str] = {}
         for name in updates[0].modules:
-            Bs, As = zip(*(scaled_factors(u, name, self.dtype) for u in updates))
+            Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
             svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank)
             k = svd.U.shape[1]
             U, S, Vh = svd.U, svd.S[:k], svd.Vh

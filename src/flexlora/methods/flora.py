@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from flexlora.lowrank import stack_factors
-from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.methods.base import AggregationMethod, modules_on_cpu, scaled_factors
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -23,16 +23,18 @@ class FLoRA(AggregationMethod):
     name = "flora"
     paper = "Wang et al., NeurIPS 2024 (arXiv:2409.05976)"
 
+    exact_aggregate = True
+
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)
         stacked: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
-            Bs, As = zip(*(scaled_factors(u, name, self.dtype) for u in updates))
+            Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
             B, A = stack_factors(Bs, As, p, self.dtype)
             stacked[name] = GlobalModule(A=A, B=B)
         shapes = {name: (gm.d_out, gm.d_in) for name, gm in stacked.items()}
         state = self.initial_state(shapes, round=round)  # fresh LoRA for everybody next round
-        state.base_delta = stacked
+        state.base_delta = modules_on_cpu(stacked)
         state.weights = {u.client_id: float(w) for u, w in zip(updates, p)}
         state.info["merge_into_base"] = True
         return state

@@ -33,8 +33,8 @@ class HetLoRA(AggregationMethod):
     name = "hetlora"
     paper = "Cho et al., EMNLP 2024 (arXiv:2401.06432)"
 
-    def __init__(self, weighting: Weighting = "norm", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
-        super().__init__(dtype=dtype, seed=seed)
+    def __init__(self, weighting: Weighting = "norm", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__(dtype=dtype, seed=seed, device=device)
         if weighting not in ("norm", "data", "norm_x_data"):
             raise ValueError(f"weighting must be 'norm', 'data' or 'norm_x_data', got {weighting!r}")
         self.weighting = weighting
@@ -44,7 +44,7 @@ class HetLoRA(AggregationMethod):
         adapter: dict[str, GlobalModule] = {}
         module_weights: dict[str, list[float]] = {}
         for name in updates[0].modules:
-            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
             w = self._weights([factored_fro_norm(B, A) for B, A in pairs], p_data)
             r_max = max(A.shape[0] for _, A in pairs)
             B = sum(wk * zero_pad(sB, r_max, dim=1) for wk, (sB, _) in zip(w, pairs))

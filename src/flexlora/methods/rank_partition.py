@@ -23,8 +23,8 @@ class RankPartition(AggregationMethod):
     name = "rank_partition"
     paper = "RB-LoRA / raFLoRA rank-partition reweighting (2025-26)"
 
-    def __init__(self, redistribute: Literal["truncate", "svd"] = "truncate", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
-        super().__init__(dtype=dtype, seed=seed)
+    def __init__(self, redistribute: Literal["truncate", "svd"] = "truncate", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__(dtype=dtype, seed=seed, device=device)
         if redistribute not in ("truncate", "svd"):
             raise ValueError(f"redistribute must be 'truncate' or 'svd', got {redistribute!r}")
         self.redistribute = redistribute
@@ -33,13 +33,13 @@ class RankPartition(AggregationMethod):
         updates, p = self._prepare(updates, weights)
         adapter: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
-            pairs = [scaled_factors(u, name, self.dtype) for u in updates]
+            pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
             ranks = torch.tensor([A.shape[0] for _, A in pairs])
             r_max = int(ranks.max())
             d_out, d_in = pairs[0][0].shape[0], pairs[0][1].shape[1]
-            B = torch.zeros(d_out, r_max, dtype=self.dtype)
-            A = torch.zeros(r_max, d_in, dtype=self.dtype)
-            col_weight = torch.zeros(r_max, dtype=self.dtype)
+            B = torch.zeros(d_out, r_max, dtype=self.dtype, device=self.device)
+            A = torch.zeros(r_max, d_in, dtype=self.dtype, device=self.device)
+            col_weight = torch.zeros(r_max, dtype=self.dtype, device=self.device)
             for w, (sB, Ak) in zip(p, pairs):
                 r = Ak.shape[0]
                 B[:, :r] += w * sB

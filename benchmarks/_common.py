@@ -72,8 +72,7 @@ def environment() -> dict[str, Any]:
         load = None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "cwd": os.getcwd(),
+        "command": shlex.join(["python", *(_relative(a) for a in sys.argv)]),  # no machine paths in committed results
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -91,6 +90,17 @@ def environment() -> dict[str, Any]:
             "loadavg_at_start": load,
         },
     }
+
+
+def _relative(arg: str) -> str:
+    """A path argument relative to the repository (or to ../shared) when it lies there."""
+    root = RESULTS_DIR.parents[1]
+    for base, prefix in ((root, ""), (root.parent / "shared", "../shared/")):
+        try:
+            return prefix + str(Path(arg).resolve().relative_to(base.resolve()))
+        except (ValueError, OSError):
+            continue
+    return arg
 
 
 def write_json(path: Path, obj: Any) -> Path:

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flexlora.data.types import Example
 from flexlora.evaluate import EvalConfig, encode_prompts, generate_with_counts
 
-DATA = Path("/work/shared/data/flexlora-ni/tiny.jsonl.gz")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flexlora-ni" / "tiny.jsonl.gz"  # ../shared beside the checkout
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
 

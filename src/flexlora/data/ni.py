@@ -2,7 +2,7 @@
 
 Two on-disk layouts hold the same clients:
 
-* **compact** (``/work/shared/data/flexlora-ni``, see its README): a gzip JSONL file, one client per
+* **compact** (``../shared/data/flexlora-ni``, see its README): a gzip JSONL file, one client per
   line (``clients.jsonl.gz`` or ``tiny.jsonl.gz``), or a directory containing ``clients.jsonl.gz`` and
   optionally ``heldout_clients.json``. The task definition is stored once per client (``definition``).
 * **official** (FederatedScope ``FlexLoRA`` branch, ``data/1613/``): a directory of

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flexlora.fsutil import atomic_write_bytes, fsync_folder
 from flexlora.update import GlobalModule, ServerState
 
 LATEST = "checkpoint.pt"
@@ -57,23 +58,14 @@ def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
-    data = buf.getvalue()
+    data = buf.getbuffer()  # a view: no second copy of a checkpoint that can be hundreds of MB
     digest = hashlib.sha256(data).hexdigest().encode() + b"\n"
-    tmp = folder / f".{LATEST}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(digest)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     latest = folder / LATEST
+    staged = atomic_write_bytes(folder / f".{LATEST}.staged", [digest, data], durable=True)
     if latest.exists():
         os.replace(latest, folder / PREVIOUS)
-    os.replace(tmp, latest)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.replace(staged, latest)
+    fsync_folder(folder)
     return latest
 
 

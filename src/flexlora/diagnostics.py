@@ -11,7 +11,7 @@ whose energy sits in the first few singular values is the "rank collapse" raFLoR
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -76,7 +76,6 @@ def aggregation_report(
     for name in state.adapter:
         gm: GlobalModule = state.adapter[name]
         coeffs = [w * u.modules[name].scale for u, w in zip(updates, weights)]
-        exact_B, exact_A = stack_factors([u.modules[name].B for u in updates], [u.modules[name].A for u in updates], coeffs, dtype)
         B, A = _global_factors(state, name, dtype)
         svd_ordered = gm.spectrum is not None and state.base_delta is None
         if svd_ordered:
@@ -90,9 +89,10 @@ def aggregation_report(
         kept = S.to(torch.float64)[: gm.rank] if svd_ordered else None  # the triplets the state holds
         entry["global_norm"] = float(kept.norm()) if kept is not None else factored_fro_norm(B, A)
         if exact:
-            entry["rel_error_vs_exact"] = _probe_rel_error(B, A, exact_B, exact_A, probes)
+            entry["rel_error_vs_exact"] = _probe_rel_error(B, A, [(c, u.modules[name]) for c, u in zip(coeffs, updates)], probes, dtype)
             entry["rel_error_method"] = f"probe-{probes}"
         else:
+            exact_B, exact_A = stack_factors([u.modules[name].B for u in updates], [u.modules[name].A for u in updates], coeffs, dtype)
             exact_norm = factored_fro_norm(exact_B, exact_A)
             dist = factored_distance(B, A, exact_B, exact_A)
             entry["exact_norm"] = exact_norm
@@ -115,12 +115,13 @@ def aggregation_report(
     return report
 
 
-def _probe_rel_error(B: Tensor, A: Tensor, exact_B: Tensor, exact_A: Tensor, probes: int) -> float:
-    """``||(B A - Be Ae) X||_F / ||Be Ae X||_F`` for a fixed Gaussian X (d_in x probes): an unbiased
-    estimate of the squared relative Frobenius error, any nonzero error shows with probability 1."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(exact_A.shape[1], probes, generator=g, dtype=exact_A.dtype)
-    EX = exact_B @ (exact_A @ X)
+def _probe_rel_error(B: Tensor, A: Tensor, clients: Sequence[tuple[float, Any]], probes: int, dtype: torch.dtype) -> float:
+    """``||(B A - sum_k c_k B_k A_k) X||_F / ||sum_k c_k B_k A_k X||_F`` for a fixed Gaussian X
+    (d_in x probes): its square is an unbiased estimate of the squared relative Frobenius error, and
+    any nonzero error shows with probability 1. Never forms a stack or a dense matrix."""
+    d_in = A.shape[1]
+    X = torch.randn(d_in, probes, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    EX = sum(c * (f.B.to(dtype) @ (f.A.to(dtype) @ X)) for c, f in clients)
     denom = float(torch.linalg.matrix_norm(EX))
     if denom == 0:
         return 0.0

@@ -4,7 +4,7 @@ The Flower App in ``flower_app/`` is a thin shell over this module, and this mod
 layer over the same core as the in-process simulator: the server side builds a
 :class:`flexlora.simulate.Simulation` (model, data, federation, method, evaluation, metrics,
 checkpoints, final adapters) and replaces only the local-training loop of a round by messages to
-the nodes; validation, aggregation and diagnostics run in :meth:`Simulation.server_round`. The node
+the nodes; planning, validation, aggregation and diagnostics run in the round engine (:mod:`flexlora.rounds`). The node
 side trains with :meth:`flexlora.train.LocalTrainer.train_client`, exactly as the simulator does.
 
 Messages (Flower's Message API, one message per node, so every node gets its own ranks):
@@ -34,12 +34,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor
 
+from flexlora.rounds import ClientStatus
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
     from flexlora.config import RunConfig
+    from flexlora.rounds import RoundOutcome, RoundPlan
     from flexlora.simulate import Simulation
 
 LOG = logging.getLogger("flwr.flexlora")  # a child of Flower's logger: shows in `flwr log` / `--stream`
@@ -349,14 +351,9 @@ class FlowerSettings:
 
 @dataclass
 class _Attempt:
-    updates: list[ClientUpdate]
-    specs: dict[str, dict[str, ModuleSpec]]
-    clients_log: list[dict[str, Any]]
-    dropped: dict[str, list[str]]
-    bytes_up: int
-    bytes_down: int
+    plan: "RoundPlan"
+    outcome: "RoundOutcome"
     replied: int
-    seconds: float
     nodes: dict[str, dict[str, Any]]
 
 
@@ -434,15 +431,14 @@ class FlowerServer:
             LOG.info("flexlora: node %s = client %d, type %s, %d examples", self.node_of[cid], cid, self.sim.fed.types[cid], p.num_examples)
 
     def apply_profiles(self) -> None:
-        """Make the simulator's federation the nodes': their ids, ranks and data sizes."""
+        """Make the federation the nodes': their ids, ranks and data sizes."""
         from flexlora.config import ConfigError
         from flexlora.data.types import ClientData
-        from flexlora.resources import PAPER_TYPES, RankPolicy
+        from flexlora.rounds import Federation, rank_policy, resource_types
 
-        sim, cfg = self.sim, self.cfg
-        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width, rslora=cfg.lora.rslora)
-        types_def = {**PAPER_TYPES, **cfg.resources.types}
-        train, types, specs, notes = [], {}, {}, set(sim.fed.notes)
+        fed = self.sim.fed
+        policy, types_def = rank_policy(self.cfg), resource_types(self.cfg)
+        train, types, specs, notes = [], {}, {}, set(fed.notes)
         for cid, p in sorted(self.profiles.items()):
             if p.group_ranks:
                 t, ranks = "custom-" + "-".join(f"{g}{r}" for g, r in sorted(p.group_ranks.items())), p.group_ranks
@@ -450,21 +446,19 @@ class FlowerServer:
                 if p.rank_type not in types_def:
                     raise ConfigError(f"node {self.node_of[cid]} (client {cid}) declares rank-type {p.rank_type!r}, not one of {sorted(types_def)}")
                 t, ranks = p.rank_type, types_def[p.rank_type]
-            elif cid in sim.fed.types:  # Flower's simulation: the type follows from the partition id
-                t = sim.fed.types[cid]
+            elif cid in fed.types:  # Flower's simulation: the type follows from the partition id
+                t = fed.types[cid]
                 ranks = types_def[t]
             else:
                 raise ConfigError(f"node {self.node_of[cid]} (client {cid}) declares no rank-type and its partition id is not a training client of the config")
             try:
-                specs[cid], n = policy.module_ranks(ranks, sim.fed.shapes)
+                specs[cid], n = policy.module_ranks(ranks, fed.shapes)
             except ValueError as e:
                 raise ConfigError(f"node {self.node_of[cid]} (client {cid}): {e}") from None
             notes.update(n)
             types[cid] = t
             train.append(ClientData(client_id=cid, category="flower-node", train=[], eval=[], num_train_full=p.num_examples, flags=[f"node:{self.node_of[cid]}"]))
-        sim.fed.train_clients, sim.fed.types, sim.fed.specs, sim.fed.notes = train, types, specs, sorted(notes)
-        if cfg.resources.mode == "types":
-            sim.method.check_specs(list(specs.values()))
+        self.sim.engine.set_federation(Federation(train, fed.eval_clients, fed.shapes, types, specs, sorted(notes)))
 
     # -- one round ---------------------------------------------------------------------------------
     def round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
@@ -476,95 +470,77 @@ class FlowerServer:
             a = self._attempt(rnd, state)
             if a.replied >= self.min_clients:
                 break
-            lost = {cid: reasons[0] for cid, reasons in a.dropped.items()}
+            lost = {cid: reasons[0] for cid, reasons in a.outcome.dropped.items()}
             LOG.warning("flexlora: round %d attempt %d: %d node(s) replied, fewer than min-clients=%d (%s)", rnd, attempt, a.replied, self.min_clients, lost)
-            failed.append({"attempt": attempt, "replied": a.replied, "dropped": a.dropped})
+            failed.append({"attempt": attempt, "replied": a.replied, "dropped": a.outcome.dropped})
         else:
             self.failed_round = rnd
             raise FlowerRunError(
-                f"round {rnd}: only {a.replied} of {len(a.clients_log)} selected node(s) replied in {s.round_retries + 1} attempt(s), "
+                f"round {rnd}: only {a.replied} of {len(a.plan.clients)} selected node(s) replied in {s.round_retries + 1} attempt(s), "
                 f"fewer than min-clients={self.min_clients}; the run stops and keeps the state of round {rnd - 1}"
             )
-        for cid, reasons in a.dropped.items():
+        for cid, reasons in a.outcome.dropped.items():
             LOG.warning("flexlora: round %d: client %s left out: %s", rnd, cid, "; ".join(reasons))
-        rec, new_state = self.sim.server_round(rnd, state, a.updates, a.specs, a.clients_log, a.dropped, a.bytes_up, a.bytes_down, a.seconds)
-        rec["flower"] = {"attempts": attempt, "failed_attempts": failed, "nodes": a.nodes, "round_seconds": a.seconds}
-        ok = sum(1 for e in rec["clients"] if e.get("status") == "ok")
+        rec, new_state = self.sim.engine.close(a.plan, state, a.outcome)
+        rec["flower"] = {"attempts": attempt, "failed_attempts": failed, "nodes": a.nodes, "round_seconds": a.outcome.train_seconds}
+        ok = sum(1 for e in rec["clients"] if e.get("status") == ClientStatus.OK)
         LOG.info("flexlora: round %d done: %d update(s) aggregated, %d client(s) left out%s", rnd, ok, len(rec["dropped"]), " (round skipped)" if "skipped" in rec else "")
         return rec, new_state
 
     def _attempt(self, rnd: int, state: ServerState) -> _Attempt:
-        from flexlora.simulate import _nbytes, _nbytes_global, _rank_summary, derived_seed
+        """Plan the round with the engine, send every node its own message, collect the replies."""
+        from flexlora.rounds import RoundOutcome, factor_bytes, metrics_entry
 
         app = _flwr()
-        sim, cfg, s = self.sim, self.cfg, self.settings
-        t0 = time.perf_counter()
-        selected = sim.sample(rnd)
-        specs: dict[str, dict[str, ModuleSpec]] = {}
-        entries: list[dict[str, Any]] = []
+        engine, s = self.sim.engine, self.settings
+        plan = engine.plan(rnd, state, budgets={cid: p.budget_mib for cid, p in self.profiles.items()})
+        base = app.ArrayRecord({n: app.Array(d.contiguous().numpy()) for n, d in sorted(plan.base.items())}) if plan.base else None
         messages = []
-        bytes_down = 0
-        base = {n: d for n, d in sim.merged.items()}  # FLoRA: the update merged into the base weights so far
-        for client in selected:
-            cid = str(client.client_id)
-            profile = self.profiles[client.client_id]
-            spec = sim.spec_for(client, rnd, budget_mib=profile.budget_mib)
-            specs[cid] = spec
-            share = sim.method.share_for(state, spec)
-            bytes_down += _nbytes(share.values()) + (_nbytes_global(state.base_delta) if state.base_delta else 0)
-            entries.append({"id": client.client_id, "type": sim.fed.types.get(client.client_id), "n": client.num_examples, "ranks": _rank_summary(spec)})
+        for planned in plan.clients:
             content = {
                 "config": app.ConfigRecord(
-                    {
-                        "run-config": self.config_json,
-                        "round": rnd,
-                        "client-id": client.client_id,
-                        "seed": derived_seed(cfg.federation.seed, "train", rnd, client.client_id),
-                    }
+                    {"run-config": self.config_json, "round": rnd, "client-id": planned.client.client_id, "seed": engine.train_seed(rnd, planned.client.client_id)}
                 ),
-                "spec": spec_to_config(spec),
-                "share": factors_to_arrays(share),
+                "spec": spec_to_config(planned.spec),
+                "share": factors_to_arrays(planned.share),
             }
-            if base:
-                content["base"] = app.ArrayRecord({n: app.Array(d.contiguous().numpy()) for n, d in sorted(base.items())})
+            if base is not None:
+                content["base"] = base
             messages.append(
-                app.Message(app.RecordDict(content), dst_node_id=self.node_of[client.client_id], message_type=TRAIN, group_id=str(rnd), ttl=s.round_timeout)
+                app.Message(app.RecordDict(content), dst_node_id=self.node_of[planned.client.client_id], message_type=TRAIN, group_id=str(rnd), ttl=s.round_timeout)
             )
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}
         replies: dict[int, Any] = {}
         for r in self.grid.send_and_receive(messages, timeout=s.round_timeout):
             replies.setdefault(r.metadata.src_node_id, r)
-        seconds = time.perf_counter() - t0
 
-        updates: list[ClientUpdate] = []
-        clients_log: list[dict[str, Any]] = []
-        dropped: dict[str, list[str]] = {}
+        outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=time.perf_counter() - plan.started)
         nodes: dict[str, dict[str, Any]] = {}
-        bytes_up = replied = 0
-        for client, entry in zip(selected, entries):
-            cid = str(client.client_id)
-            node = self.node_of[client.client_id]
+        replied = 0
+        for planned in plan.clients:
+            cid, entry = planned.cid, planned.entry
+            node = self.node_of[planned.client.client_id]
             reply = replies.get(node)
             nodes[cid] = {"node_id": node, "bytes_received": sent[node], "bytes_sent": message_nbytes(reply) if reply is not None else 0}
             if reply is None:
-                dropped[cid] = [f"missed the round timeout ({s.round_timeout:g}s)"]
-                entry["status"] = "timeout"
+                outcome.dropped[cid] = [f"missed the round timeout ({s.round_timeout:g}s)"]
+                entry["status"] = ClientStatus.TIMEOUT
             elif reply.has_error():
-                dropped[cid] = [f"node error: {reply.error.reason}"]
-                entry["status"] = "error"
+                outcome.dropped[cid] = [f"node error: {reply.error.reason}"]
+                entry["status"] = ClientStatus.ERROR
             else:
                 replied += 1
                 try:
                     update, metrics = self._parse_reply(cid, reply)
                 except (UpdateError, KeyError, ValueError, TypeError) as e:
-                    dropped[cid] = [f"malformed reply: {e}"]
-                    entry["status"] = "rejected"
+                    outcome.dropped[cid] = [f"malformed reply: {e}"]
+                    entry["status"] = ClientStatus.REJECTED
                 else:
-                    bytes_up += _nbytes(update.modules.values())
-                    entry.update(status="ok", **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()})
-                    updates.append(update)
-            clients_log.append(entry)
-        return _Attempt(updates, specs, clients_log, dropped, bytes_up, bytes_down, replied, seconds, nodes)
+                    outcome.bytes_up += factor_bytes(update.modules.values())
+                    entry.update(status=ClientStatus.OK, **metrics_entry(metrics))
+                    outcome.updates.append(update)
+            outcome.entries.append(entry)
+        return _Attempt(plan, outcome, replied, nodes)
 
     @staticmethod
     def _parse_reply(cid: str, reply) -> tuple[ClientUpdate, dict[str, Any]]:
@@ -604,7 +580,7 @@ class FlowerServer:
     def _stop(self, reason: str) -> None:
         """Write the final adapters and summary of the last good state (the last checkpoint)."""
         from flexlora.checkpoint import load_checkpoint, state_from_dict
-        from flexlora.simulate import METRICS, _read_metrics
+        from flexlora.simulate import METRICS, read_metrics
 
         sim = self.sim
         if not self.profiles:  # stopped before the federation was set up: nothing trained
@@ -617,15 +593,15 @@ class FlowerServer:
             state, sim.merged = state_from_dict(ckpt["state"]), ckpt["merged"]
         else:
             state, sim.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
-        summary = sim.finish(state, _read_metrics(self.out / METRICS, upto=last))
+        summary = sim.finish(state, read_metrics(self.out / METRICS, upto=last))
         summary.update(self._flower_summary(), status="stopped", error=reason, last_good_round=last)
         _write_json(self.out / SUMMARY, summary)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    from flexlora.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def server_main(grid, context: "Context") -> dict[str, Any]:

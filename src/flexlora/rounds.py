@@ -1,0 +1,311 @@
+"""The round engine: who takes part, what each client receives, and what the server does with
+what comes back. The in-process simulator and the Flower server both run their rounds through
+it and differ only in how an update comes back (the local trainer vs messages).
+
+A round is planned (:meth:`RoundEngine.plan`: the sampled clients, each one's per-module ranks
+and share, the bytes they download) and closed (:meth:`RoundEngine.close`: screen the updates,
+let the method finish the clients' side, aggregate, merge, diagnose, the round record). Building
+the federation (:func:`build_federation`) and sampling (:func:`sample_clients`) need no model:
+only the target layers' shapes.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.methods import AggregationMethod
+from flexlora.methods.hetlora import self_prune
+from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
+from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
+from flexlora.validate import ValidationConfig, screen_updates
+
+if TYPE_CHECKING:
+    from flexlora.config import RunConfig
+    from flexlora.data.types import ClientData
+
+
+def derived_seed(*parts: Any) -> int:
+    """The one seed derivation of a run: every random choice is seeded from the run seed and its purpose."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+class ClientStatus(str, enum.Enum):
+    """What happened to a selected client this round (a str, so records stay plain JSON)."""
+
+    OK = "ok"
+    CRASH = "crash"  # failure injection: crashed during local training
+    STRAGGLE = "straggle"  # failure injection: missed the round timeout
+    TIMEOUT = "timeout"  # Flower: no reply within the round timeout
+    ERROR = "error"  # local training raised (or the node replied with an error)
+    OOM = "oom"  # local training ran out of accelerator memory
+    REJECTED = "rejected"  # the update failed validation (or the reply was malformed)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# -- the federation ---------------------------------------------------------------------------------
+@dataclass
+class Federation:
+    """Who trains, at which ranks: fixed for the run (types) or per round (budget)."""
+
+    train_clients: list["ClientData"]
+    eval_clients: list["ClientData"]
+    shapes: dict[str, tuple[int, int]]
+    types: dict[int, str]
+    specs: dict[int, dict[str, ModuleSpec]]  # per client (types mode)
+    notes: list[str] = field(default_factory=list)
+
+
+def rank_policy(cfg: "RunConfig") -> RankPolicy:
+    lora = cfg.lora
+    return RankPolicy(alpha=lora.alpha, rank_scale=lora.rank_scale, cap_at_width=lora.cap_at_width, rslora=lora.rslora)
+
+
+def resource_types(cfg: "RunConfig") -> dict[str, dict[str, int]]:
+    return {**PAPER_TYPES, **cfg.resources.types}
+
+
+def build_federation(cfg: "RunConfig", clients: Sequence["ClientData"], shapes: Mapping[str, tuple[int, int]]) -> Federation:
+    """Training clients with their resource types and per-module ranks, and the fixed evaluation
+    subset of held-out clients (the same for every seed and method)."""
+    from flexlora.config import ConfigError
+
+    train = [c for c in clients if not c.heldout and c.train]
+    heldout = sorted((c for c in clients if c.heldout and c.eval), key=lambda c: c.client_id)
+    if not train:
+        raise ConfigError("the data has no training clients (every client is held out or empty)")
+    assert not {c.client_id for c in train} & {c.client_id for c in heldout}
+    policy, types_def = rank_policy(cfg), resource_types(cfg)
+    dist = cfg.resources.custom_distribution or PAPER_DISTRIBUTIONS[cfg.resources.distribution]
+    types = assign_types([c.client_id for c in train], dist, seed=derived_seed(cfg.federation.seed, "types"))
+    specs, notes = {}, set()
+    for cid, t in types.items():
+        try:
+            specs[cid], n = policy.module_ranks(types_def[t], dict(shapes))
+        except ValueError as e:
+            raise ConfigError(f"resources: {e}") from None
+        notes.update(n)
+    if len(heldout) > cfg.eval.clients:  # a fixed, spread-out subset
+        heldout = sorted(random.Random(0).sample(heldout, cfg.eval.clients), key=lambda c: c.client_id)
+    return Federation(train, heldout, dict(shapes), types, specs, sorted(notes))
+
+
+def clients_per_round(fed_cfg, num_clients: int) -> int:
+    k = fed_cfg.clients_per_round if fed_cfg.clients_per_round is not None else max(1, math.floor(fed_cfg.fraction * num_clients + 0.5))
+    return min(k, num_clients)
+
+
+def sample_clients(train_clients: Sequence["ClientData"], fed_cfg, rnd: int) -> list["ClientData"]:
+    """The clients of round ``rnd``: a fixed-size sample without replacement, seeded by (seed, round)."""
+    rng = random.Random(derived_seed(fed_cfg.seed, "sample", rnd))
+    return sorted(rng.sample(list(train_clients), clients_per_round(fed_cfg, len(train_clients))), key=lambda c: c.client_id)
+
+
+# -- bytes ----------------------------------------------------------------------------------------------
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def factor_bytes(factors: Iterable[LoraFactors]) -> int:
+    """Bytes of LoRA factors as they travel (their own dtype)."""
+    return tensor_bytes(t for f in factors for t in (f.A, f.B))
+
+
+def rank_summary(spec: Mapping[str, ModuleSpec]) -> dict[str, int]:
+    """The largest rank per layer kind (``q_proj``: 30, ...): a client's ranks in one line."""
+    out: dict[str, int] = {}
+    for name, s in spec.items():
+        leaf = name.rsplit(".", 1)[-1]
+        out[leaf] = max(out.get(leaf, 0), s.rank)
+    return out
+
+
+# -- a round ---------------------------------------------------------------------------------------------
+@dataclass
+class PlannedClient:
+    client: "ClientData"
+    spec: dict[str, ModuleSpec]
+    share: dict[str, LoraFactors]
+    entry: dict[str, Any]  # its line of the round record; the runner adds status and metrics
+
+    @property
+    def cid(self) -> str:
+        return str(self.client.client_id)
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    clients: list[PlannedClient]
+    base: dict[str, Tensor]  # what every client merges into its base weights first (cumulative; empty unless the method merges)
+    bytes_down: int
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def specs(self) -> dict[str, dict[str, ModuleSpec]]:
+        return {p.cid: p.spec for p in self.clients}
+
+
+@dataclass
+class RoundOutcome:
+    """What came back: accepted-for-screening updates in client-id order, each selected client's
+    record line (status set), and the reasons for the clients left out."""
+
+    updates: list[ClientUpdate]
+    entries: list[dict[str, Any]]
+    dropped: dict[str, list[str]]
+    bytes_up: int
+    train_seconds: float
+
+
+class RoundEngine:
+    """Plans and closes rounds for one run; holds the server-side state that is not the method's
+    (clients' persistent state, the update merged into the base weights)."""
+
+    def __init__(self, cfg: "RunConfig", federation: Federation, method: AggregationMethod, server_dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.fed = federation
+        self.method = method
+        self.server_dtype = server_dtype
+        self.merged: dict[str, Tensor] = {}  # cumulative update merged into the base weights (FLoRA, SLoRA stage 1)
+        self.client_state: dict[str, Any] = {}
+
+    # -- who and what -------------------------------------------------------------------------------
+    def set_federation(self, federation: Federation) -> None:
+        """Replace who trains (the Flower server: the nodes that answered, at the ranks they declared)."""
+        self.fed = federation
+        if self.cfg.resources.mode == "types":
+            self.method.check_specs(list(federation.specs.values()))
+
+    def sample(self, rnd: int) -> list["ClientData"]:
+        return sample_clients(self.fed.train_clients, self.cfg.federation, rnd)
+
+    def spec_for(self, client: "ClientData", rnd: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
+        """The client's per-module ranks this round; ``budget_mib`` overrides the configured budget
+        (budget mode: a Flower node declares its own)."""
+        if self.cfg.resources.mode == "types":
+            return self._pruned(client.client_id, self.fed.specs[client.client_id])
+        r = self.cfg.resources
+        policy = BudgetPolicy(ranks=tuple(r.budget_ranks), fluctuation=r.budget_fluctuation)
+        budget = r.budget_mib[client.client_id % len(r.budget_mib)] if budget_mib is None else budget_mib
+        rank = policy.rank_for(budget, self.fed.shapes, client.client_id, rnd, self.cfg.federation.seed)
+        spec = {n: ModuleSpec(rank=min(rank, min(s)), alpha=self.cfg.lora.alpha, rslora=self.cfg.lora.rslora) for n, s in self.fed.shapes.items()}
+        return self._pruned(client.client_id, spec)
+
+    def _pruned(self, client_id: int | str, spec: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
+        """Cap a spec at the ranks the client has self-pruned to (HetLoRA; nothing otherwise)."""
+        ranks = self.client_state.get("hetlora_ranks", {}).get(str(client_id))
+        if not ranks:
+            return spec
+        return {n: replace(s, rank=min(s.rank, ranks.get(n, s.rank))) for n, s in spec.items()}
+
+    def plan(self, rnd: int, state: ServerState, budgets: Mapping[int, float | None] | None = None) -> RoundPlan:
+        """The round's clients, each with its ranks and its share of ``state``, and the bytes they download."""
+        started = time.perf_counter()
+        base = dict(self.merged)
+        base_bytes = tensor_bytes(base.values())
+        planned, bytes_down = [], 0
+        for client in self.sample(rnd):
+            spec = self.spec_for(client, rnd, budget_mib=(budgets or {}).get(client.client_id))
+            share = self.method.share_for(state, spec)
+            bytes_down += factor_bytes(share.values()) + base_bytes
+            entry = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": rank_summary(spec)}
+            planned.append(PlannedClient(client, spec, share, entry))
+        return RoundPlan(rnd, planned, base, bytes_down, started)
+
+    def train_seed(self, rnd: int, client_id: int) -> int:
+        return derived_seed(self.cfg.federation.seed, "train", rnd, client_id)
+
+    # -- the server's half ---------------------------------------------------------------------------
+    def close(self, plan: RoundPlan, state: ServerState, outcome: RoundOutcome) -> tuple[dict[str, Any], ServerState]:
+        """Screen the updates, let the method finish the clients' side, aggregate, merge, diagnose.
+
+        Returns the round's record and the new state (the old one when fewer than ``min_clients``
+        updates pass validation)."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        specs = plan.specs
+        accepted, rejected = screen_updates(outcome.updates, self.fed.shapes, specs, ValidationConfig(norm_factor=cfg.failures.norm_factor))
+        dropped = {**outcome.dropped, **rejected}
+        entries = outcome.entries
+        for e in entries:
+            if str(e["id"]) in rejected:
+                e["status"] = ClientStatus.REJECTED
+        rec: dict[str, Any] = {"round": plan.round, "clients": entries, "dropped": dropped, "bytes_up": outcome.bytes_up, "bytes_down": plan.bytes_down}
+        if len(accepted) < max(1, cfg.federation.min_clients):
+            rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
+            rec["timings"] = {"train": outcome.train_seconds, "aggregate": 0.0}
+            return rec, state
+        if cfg.train.hetlora_prune:
+            accepted = self._self_prune(accepted, specs, entries)
+        new_state = self.method.aggregate(accepted, round=plan.round)
+        t_agg = time.perf_counter()
+        if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
+            for name, gm in new_state.base_delta.items():
+                d = gm.delta(self.server_dtype)
+                self.merged[name] = self.merged[name] + d if name in self.merged else d
+        weights = [new_state.weights[u.client_id] for u in accepted]
+        share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
+        report = aggregation_report(new_state, accepted, weights, share_ranks, exact=self.method.exact_aggregate)
+        rec["aggregation"] = summarise(report)
+        rec["aggregation"]["per_layer_type"] = per_layer_type(report)
+        ok = [e for e in entries if e.get("status") == ClientStatus.OK]
+        rec["train_loss"] = mean([e["loss_mean"] for e in ok])
+        rec["tokens"] = sum(e.get("tokens", 0) for e in ok)
+        rec["timings"] = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
+        return rec, new_state
+
+    def _self_prune(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], entries: list[dict[str, Any]]) -> list[ClientUpdate]:
+        """HetLoRA's rank self-pruning on the accepted updates; the decision depends only on a client's own
+        update and its previous tail norm, so running it here gives what the client would have sent."""
+        tails = self.client_state.setdefault("hetlora_tails", {})
+        ranks = self.client_state.setdefault("hetlora_ranks", {})
+        log = {str(e["id"]): e for e in entries}
+        out = []
+        for u in updates:
+            pruned, tail, did = self_prune(u, self.cfg.train.hetlora_gamma, tails.get(u.client_id))
+            tails[u.client_id] = tail
+            entry = log.get(u.client_id, {})
+            entry["tail_norm"] = tail
+            if did:
+                ranks[u.client_id] = {n: f.rank for n, f in pruned.modules.items()}
+                specs[u.client_id] = {n: replace(s, rank=pruned.modules[n].rank) for n, s in specs[u.client_id].items()}
+                entry["pruned_to"] = rank_summary(specs[u.client_id])
+            out.append(pruned)
+        return out
+
+
+# -- small helpers of the record ------------------------------------------------------------------------
+def per_layer_type(report: dict[str, dict]) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[dict]] = {}
+    for name, e in report.items():
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append(e)
+    return {
+        leaf: {
+            "effective_rank": mean([e.get("effective_rank", 0.0) for e in es]),
+            "rank_90": mean([e.get("rank_90", 0) for e in es]),
+            "rel_error_vs_exact": mean([e.get("rel_error_vs_exact", 0.0) for e in es]),
+        }
+        for leaf, es in groups.items()
+    }
+
+
+def mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def metrics_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A client's training metrics as they go into its record line (floats rounded to 6 digits)."""
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}

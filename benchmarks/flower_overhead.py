@@ -4,7 +4,7 @@ Same config and seed for every path: the tiny model (configs/smoke.toml), three 
 of three rank types, all of them in every round, one torch thread per process.
 
 * ``simulator``: :class:`flexlora.simulate.Simulation` in this process.
-* ``flower_inprocess``: the real ServerApp and ClientApp through ``flexlora.flower_local.LocalGrid``
+* ``flower_inprocess``: the real ServerApp and ClientApp through ``tests/flower_local.py``: ``LocalGrid``
   (payload encoding and Flower's protobuf serialisation, no processes, no network).
 * ``flower_deployment``: a SuperLink and three SuperNodes on 127.0.0.1 (scripts/flower_loopback.py,
   insecure HTTP): what a real deployment adds (a ClientApp process per message that imports torch
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test helpers: the in-process grid
 from _common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def _summary(xs: list[float]) -> dict:
 def run_inprocess(lb, work: Path, rounds: int) -> Path:
     from flwr.app import Context, RecordDict
 
-    from flexlora.flower_local import LocalGrid
+    from flower_local import LocalGrid
 
     sys.path.insert(0, str(ROOT / "flower_app"))
     from flexlora_app import client_app, server_app

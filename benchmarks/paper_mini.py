@@ -133,16 +133,13 @@ def publish(label: str, scratch: Path, extra: dict[str, Any]) -> None:
 
 # -- token planning -----------------------------------------------------------------------------
 def plan_tokens(cfg: RunConfig, clients, tokenizer) -> int:
-    from flexlora.simulate import Simulation, derived_seed
+    from flexlora.rounds import derived_seed, sample_clients
     from flexlora.train import planned_tokens
 
-    sim = Simulation.__new__(Simulation)  # sampling only: no model needed
-    sim.cfg = cfg
-    train = [c for c in clients if not c.heldout and c.train]
-    sim.fed = type("F", (), {"train_clients": train})()
+    train = [c for c in clients if not c.heldout and c.train]  # sampling needs no model
     total = 0
     for rnd in range(1, cfg.federation.rounds + 1):
-        for c in Simulation.sample(sim, rnd):
+        for c in sample_clients(train, cfg.federation, rnd):
             total += planned_tokens(tokenizer, c, cfg.train, derived_seed(cfg.federation.seed, "train", rnd, c.client_id))
     return total
 

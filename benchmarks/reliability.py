@@ -1,6 +1,6 @@
 """Robustness figures: fuzzed inputs handled cleanly, and runs with 10/30/50% failing clients.
 
-1. Fuzzing: every adapter mutation (``flexlora.fuzz.ADAPTER_MUTATIONS``) and client-update mutation
+1. Fuzzing: every adapter mutation (``tests/fuzz.py``: ``ADAPTER_MUTATIONS``) and client-update mutation
    (``UPDATE_MUTATIONS``) applied many times with different seeds; an input is *handled cleanly*
    when the loader/aggregator raises its documented error (AdapterError / UpdateError) or the
    validator rejects the update with a reason — anything else (another exception, a hang, a file
@@ -30,7 +30,7 @@ from _common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 from flexlora.aggregate_dirs import aggregate_adapter_dirs  # noqa: E402
 from flexlora.config import load_config  # noqa: E402
-from flexlora.fuzz import ADAPTER_MUTATIONS, UPDATE_MUTATIONS, mutate_adapter, mutate_update  # noqa: E402
+from fuzz import ADAPTER_MUTATIONS, UPDATE_MUTATIONS, mutate_adapter, mutate_update  # noqa: E402
 from flexlora.update import ClientUpdate, LoraFactors, UpdateError  # noqa: E402
 from flexlora.validate import ValidationConfig, screen_updates  # noqa: E402
 

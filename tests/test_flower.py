@@ -1,5 +1,5 @@
 """The Flower layer: the real ServerApp and ClientApp of flower_app/, driven in-process through
-:class:`flexlora.flower_local.LocalGrid` (no SuperLink, no network, no Ray), compared with the
+``LocalGrid`` (tests/flower_local.py) (no SuperLink, no network, no Ray), compared with the
 in-process simulator; plus the loopback deployment script (slow)."""
 
 import json
@@ -28,7 +28,8 @@ from flexlora.flower import (  # noqa: E402
     factors_to_arrays,
     spec_to_config,
 )
-from flexlora.flower_local import LocalGrid  # noqa: E402
+from flower_local import LocalGrid  # noqa: E402
+from flexlora.methods import get_method  # noqa: E402
 from flexlora.simulate import Simulation  # noqa: E402
 from flexlora.update import LoraFactors, ModuleSpec, UpdateError  # noqa: E402
 
@@ -130,7 +131,7 @@ def test_malformed_payloads_name_the_module():
 def test_run_config_travels_as_json_and_settings_are_checked():
     cfg = load_config(SMOKE, BASE + ['federation.aggregation="ffa"', 'resources.distribution="homo"'])
     back = config_from_json(config_to_json(cfg))
-    assert back.to_dict() == cfg.to_dict() and back.train.freeze_A
+    assert back.to_dict() == cfg.to_dict() and get_method("ffa").local_training(back.train).freeze_A  # FFA's clients freeze A
     assert NodeProfile.from_config(NodeProfile(3, 40, group_ranks={"attention": 4, "mlp": 16}, budget_mib=8.0).to_config()) == NodeProfile(
         3, 40, group_ranks={"attention": 4, "mlp": 16}, budget_mib=8.0
     )
@@ -311,3 +312,23 @@ def test_loopback_deployment(tmp_path, mode):
     assert report["ok"] and report["adapter_diff"]["max_rel_update_diff"] <= 1e-6
     if mode == "tls":
         assert report["checks"]["unregistered_node_refused"]
+
+
+def test_one_engine_plans_both_runners_rounds_and_counts_what_a_node_downloads(tmp_path):
+    """The simulator and the Flower server plan and close their rounds with the same engine: their
+    round records agree, and the bytes a client downloads are those of the arrays a node really
+    receives -- for FLoRA's round 2 its share plus the dense merged base update (once counted with the
+    stacked-factor formula, which is not what the messages carry)."""
+    overrides = BASE + FAST + ['federation.aggregation="flora"']
+    types = _simulate(tmp_path / "sim", overrides)
+    _flower(tmp_path / "flower", overrides, _nodes(types))
+    sim_recs, fl_recs = _metrics(tmp_path / "sim"), _metrics(tmp_path / "flower")
+    assert _strip(fl_recs) == _strip(sim_recs)
+    shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64), "gate_proj": (128, 64), "up_proj": (128, 64), "down_proj": (64, 128)}
+    layers, itemsize = 2, 4
+    dense = layers * sum(o * i for o, i in shapes.values()) * itemsize
+    r2 = [r for r in fl_recs if r["round"] == 2][0]
+    shares = sum(layers * c["ranks"][leaf] * (o + i) * itemsize for c in r2["clients"] for leaf, (o, i) in shapes.items())
+    assert r2["bytes_down"] == shares + len(r2["clients"]) * dense
+    r1 = [r for r in fl_recs if r["round"] == 1][0]
+    assert r1["bytes_down"] == sum(layers * c["ranks"][leaf] * (o + i) * itemsize for c in r1["clients"] for leaf, (o, i) in shapes.items())

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexlora.aggregate_dirs import aggregate_adapter_dirs
-from flexlora.fuzz import ADAPTER_MUTATIONS, UPDATE_MUTATIONS, mutate_adapter, mutate_update
+from fuzz import ADAPTER_MUTATIONS, UPDATE_MUTATIONS, mutate_adapter, mutate_update
 from flexlora.peft_io import AdapterError, read_adapter
 from flexlora.update import ClientUpdate, LoraFactors, UpdateError
 from flexlora.validate import ValidationConfig, screen_updates, validate_update

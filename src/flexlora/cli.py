@@ -84,12 +84,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flexlora.simulate import Simulation
 
     cfg = load_config(args.config, _overrides(args))
+    if args.plan:
+        return _print_plan(cfg)
     sim = Simulation(cfg, Path(args.out), progress=not args.quiet)
     summary = sim.run(resume=args.resume)
     from flexlora.compare import print_table
 
     print_table([summary])
     print(f"metrics: {Path(args.out) / 'metrics.jsonl'}  adapters: {summary['final_adapters']}")
+    return 0
+
+
+def _print_plan(cfg) -> int:
+    """Count the run's local-training tokens without loading the model (only its tokenizer)."""
+    import functools
+
+    from flexlora.models import load_tokenizer
+    from flexlora.rounds import derived_seed, sample_clients
+    from flexlora.simulate import load_clients
+    from flexlora.train import tokenize_client, planned_tokens
+
+    tokenizer = load_tokenizer(cfg.model)
+    train = [c for c in load_clients(cfg) if not c.heldout and c.train]
+    tokenize_client_cached = functools.lru_cache(maxsize=None)(lambda cid: tokenize_client(tokenizer, by_id[cid], cfg.train))
+    by_id = {c.client_id: c for c in train}
+    per_round = []
+    for rnd in range(1, cfg.federation.rounds + 1):
+        per_round.append(sum(planned_tokens(tokenizer, c, cfg.train, derived_seed(cfg.federation.seed, "train", rnd, c.client_id), tokenize_client_cached(c.client_id)) for c in sample_clients(train, cfg.federation, rnd)))
+    print(f"{cfg.name}: {len(train)} training clients, {cfg.federation.rounds} rounds; local-training tokens per round "
+          f"min {min(per_round):,} / mean {sum(per_round) // len(per_round):,} / max {max(per_round):,}; total {sum(per_round):,}")
     return 0
 
 
@@ -167,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. federation.rounds=5")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--plan", action="store_true", help="count the run's local-training tokens (tokenizer only, no model) and exit")
     run.add_argument("--device", help="where the model trains and evaluates: auto, cpu, cuda, cuda:N, mps (sets model.device)")
     run.set_defaults(func=cmd_run)
 

@@ -253,8 +253,11 @@ def validate(cfg: RunConfig) -> None:
     if fed.fraction is not None and not 0 < fed.fraction <= 1:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
     if fed.algorithm == "slora":
-        if fed.aggregation == "flora":
-            raise ConfigError("federation: slora + flora makes no sense: FLoRA restarts LoRA from a fresh init every round, discarding SLoRA's initialisation")
+        if METHODS[fed.aggregation].merges_into_base:
+            raise ConfigError(
+                f"federation: slora + {fed.aggregation} makes no sense: {METHODS[fed.aggregation].__name__} restarts LoRA from a fresh init every round, "
+                "discarding SLoRA's initialisation"
+            )
         if not 1 <= fed.slora_rounds <= fed.rounds:
             raise ConfigError(f"federation.slora_rounds must be between 1 and rounds ({fed.rounds}), got {fed.slora_rounds}")
         if fed.slora_lr <= 0:
@@ -297,9 +300,10 @@ def validate(cfg: RunConfig) -> None:
         check_quantization(cfg.model, device)
     except ModelError as e:
         raise ConfigError(str(e)) from None
-    if cfg.model.quantization is not None and (fed.aggregation == "flora" or fed.algorithm == "slora"):
+    merging = fed.aggregation if METHODS[fed.aggregation].merges_into_base else "slora" if fed.algorithm == "slora" else None
+    if cfg.model.quantization is not None and merging:
         raise ConfigError(
-            f"model.quantization: {fed.aggregation if fed.aggregation == 'flora' else 'slora'} merges updates into the base weights, "
+            f"model.quantization: {merging} merges updates into the base weights, "
             "which 4-/8-bit weights cannot take exactly; use another method or unquantised weights"
         )
     f = cfg.failures
@@ -311,9 +315,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.hetlora_gamma must be in (0, 1], got {tr.hetlora_gamma}")
     if tr.hetlora_lambda < 0:
         raise ConfigError(f"train.hetlora_lambda must be >= 0, got {tr.hetlora_lambda}")
-    if tr.hetlora_prune and fed.aggregation != "hetlora":
-        raise ConfigError(f"train.hetlora_prune is HetLoRA's rank self-pruning; it needs federation.aggregation = 'hetlora', not {fed.aggregation!r}")
-    if fed.aggregation == "ffa" and not tr.freeze_A:
-        tr.freeze_A = True  # FFA-LoRA is defined by a frozen A
+    defaults = TrainConfig()
+    for method in METHODS.values():  # a method's own train.* option is refused with any other method
+        for option in method.client_options:
+            if method.name != fed.aggregation and getattr(tr, option) != getattr(defaults, option):
+                raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
     if fed.algorithm == "fedavg" and tr.optimizer == "adamw":
         tr.optimizer = "sgd"  # the paper's FedAvg column trains with SGD

@@ -35,6 +35,7 @@ from torch import nn
 
 from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
 from flexlora.data.types import ClientData, Example
+from flexlora.models import plain_head_parts
 
 __all__ = [
     "EvalConfig",
@@ -53,7 +54,6 @@ RougeTokenizer = Literal["default", "unicode"]
 
 # Model families whose causal-LM head is exactly ``lm_head(decoder(...).last_hidden_state)`` -- no
 # logit soft-capping or scaling -- so the head can be applied to the labelled positions only.
-_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "gemma"})
 
 
 @dataclass
@@ -275,23 +275,7 @@ def generate(model: nn.Module, tokenizer: Any, examples: Sequence[Example], cfg:
 # ------------------------------------------------------------------------------ teacher-forced proxies
 
 
-def _plain_head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder, lm_head) when logits are known to be ``lm_head(decoder(x).last_hidden_state)``.
-
-    For a PeftModel the LoRA layers are injected into the base model in place, so its decoder
-    already applies the adapter."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(getattr(base, "config", None), "model_type", None)
-    if model_type not in _PLAIN_HEAD_MODEL_TYPES:
-        return None
-    try:
-        decoder = base.get_decoder()
-        head = base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if decoder is None or decoder is base or not isinstance(head, nn.Linear):
-        return None
-    return decoder, head
+_plain_head_parts = plain_head_parts  # the one rule, in flexlora.models
 
 
 def _tf_encode(tokenizer: Any, ex: Example, cfg: EvalConfig) -> tuple[list[int], list[int]]:
@@ -322,7 +306,7 @@ def teacher_forced(
     # Right padding is masked and never a label, so any id will do.
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = _device(model)
-    parts = None if full_logits else _plain_head_parts(model)
+    parts = None if full_logits else plain_head_parts(model)
     results: list[dict[str, Any]] = [{} for _ in examples]
     with _EvalMode(model):
         for batch in _length_batches([len(p) + len(r) for p, r in encoded], cfg.batch_size):

@@ -216,12 +216,14 @@ class NodeRuntime:
     def load_model(self) -> None:
         if self.trainer is not None:
             return
+        from flexlora.methods import get_method
         from flexlora.models import load_model
         from flexlora.resources import target_module_names
         from flexlora.train import LocalTrainer
 
         self.model, self.tokenizer = load_model(self.cfg.model)
-        self.trainer = LocalTrainer(self.model, self.tokenizer, self.cfg.lora.targets, self.cfg.train)
+        method = get_method(self.cfg.federation.aggregation, **dict(self.cfg.federation.method_options))  # its client side only
+        self.trainer = LocalTrainer(self.model, self.tokenizer, self.cfg.lora.targets, method.local_training(self.cfg.train), method.local_penalty(self.cfg.train))
         shapes = target_module_names(self.model, self.cfg.lora.targets)
         self.originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in shapes}
 

@@ -242,3 +242,28 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cfg: ModelConfig):
     except OSError:  # a read-only home must not stop the run
         pass
     return model
+
+
+# Model families whose logits are a plain linear head over the decoder (no soft-capping, no scaling).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "gemma"})
+
+
+def plain_head_parts(model) -> tuple[Any, Any] | None:
+    """(decoder, lm_head) when logits are known to be ``lm_head(decoder(x).last_hidden_state)``, so
+    training and evaluation can apply the large output layer only at the positions they score;
+    None for other architectures (they use the model's full logits).
+
+    For a PeftModel the LoRA layers are injected into the base model in place, so its decoder
+    already applies the adapter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    try:
+        decoder = base.get_decoder()
+        head = base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
+        return None
+    return decoder, head

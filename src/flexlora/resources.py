@@ -130,16 +130,6 @@ class BudgetPolicy:
         return fitting[-1] if fitting else min(self.ranks)
 
 
-def parse_group_ranks(spec: Mapping[str, int]) -> dict[str, int]:
-    """Validate a custom type like {"attention": 16, "mlp": 64}."""
-    out = {}
-    for group, r in spec.items():
-        if not isinstance(r, int) or r < 1:
-            raise ResourceError(f"rank for group {group!r} must be a positive integer, got {r!r}")
-        out[str(group)] = r
-    return out
-
-
 def target_module_names(model, leaves: Sequence[str]) -> dict[str, tuple[int, int]]:
     """{full module name: (d_out, d_in)} of the linear layers whose last name part is in ``leaves``."""
     import torch

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.methods import AggregationMethod
-from flexlora.methods.hetlora import self_prune
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 from flexlora.validate import ValidationConfig, screen_updates
@@ -204,11 +203,7 @@ class RoundEngine:
         return self._pruned(client.client_id, spec)
 
     def _pruned(self, client_id: int | str, spec: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
-        """Cap a spec at the ranks the client has self-pruned to (HetLoRA; nothing otherwise)."""
-        ranks = self.client_state.get("hetlora_ranks", {}).get(str(client_id))
-        if not ranks:
-            return spec
-        return {n: replace(s, rank=min(s.rank, ranks.get(n, s.rank))) for n, s in spec.items()}
+        return dict(self.method.cap_spec(spec, client_id, self.client_state))
 
     def plan(self, rnd: int, state: ServerState, budgets: Mapping[int, float | None] | None = None) -> RoundPlan:
         """The round's clients, each with its ranks and its share of ``state``, and the bytes they download."""
@@ -247,8 +242,7 @@ class RoundEngine:
             rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             rec["timings"] = {"train": outcome.train_seconds, "aggregate": 0.0}
             return rec, state
-        if cfg.train.hetlora_prune:
-            accepted = self._self_prune(accepted, specs, entries)
+        accepted = self._after_local_training(accepted, specs, entries)
         new_state = self.method.aggregate(accepted, round=plan.round)
         t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
@@ -266,24 +260,19 @@ class RoundEngine:
         rec["timings"] = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
         return rec, new_state
 
-    def _self_prune(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], entries: list[dict[str, Any]]) -> list[ClientUpdate]:
-        """HetLoRA's rank self-pruning on the accepted updates; the decision depends only on a client's own
-        update and its previous tail norm, so running it here gives what the client would have sent."""
-        tails = self.client_state.setdefault("hetlora_tails", {})
-        ranks = self.client_state.setdefault("hetlora_ranks", {})
+    def _after_local_training(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], entries: list[dict[str, Any]]) -> list[ClientUpdate]:
+        """The method's client-side step after training (HetLoRA: rank self-pruning). It depends only on a
+        client's own update and state, so running it here gives what the client would have sent."""
+        updates, notes = self.method.after_local_training(updates, self.client_state, self.cfg.train)
         log = {str(e["id"]): e for e in entries}
-        out = []
-        for u in updates:
-            pruned, tail, did = self_prune(u, self.cfg.train.hetlora_gamma, tails.get(u.client_id))
-            tails[u.client_id] = tail
-            entry = log.get(u.client_id, {})
-            entry["tail_norm"] = tail
-            if did:
-                ranks[u.client_id] = {n: f.rank for n, f in pruned.modules.items()}
-                specs[u.client_id] = {n: replace(s, rank=pruned.modules[n].rank) for n, s in specs[u.client_id].items()}
-                entry["pruned_to"] = rank_summary(specs[u.client_id])
-            out.append(pruned)
-        return out
+        for cid, note in notes.items():
+            entry = log.get(cid, {})
+            pruned = note.get("pruned_ranks")
+            entry.update({k: v for k, v in note.items() if k != "pruned_ranks"})
+            if pruned:
+                specs[cid] = {n: replace(s, rank=pruned.get(n, s.rank)) for n, s in specs[cid].items()}
+                entry["pruned_to"] = rank_summary(specs[cid])
+        return updates
 
 
 # -- small helpers of the record ------------------------------------------------------------------------

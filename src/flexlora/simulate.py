@@ -88,7 +88,7 @@ class Simulation:
         self.method = self._method()
         self.engine = RoundEngine(cfg, build_federation(cfg, self.clients, target_module_names(self.model, cfg.lora.targets)), self.method, self.server_dtype)
         self.method.check_specs(list(self.fed.specs.values()))
-        self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, cfg.train)
+        self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, self.method.local_training(cfg.train), self.method.local_penalty(cfg.train))
         # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
         # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)
         self.quantized = is_quantized(self.model)

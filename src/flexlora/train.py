@@ -23,7 +23,7 @@ from torch import Tensor
 
 from flexlora.data.prompts import Template, encode_for_training
 from flexlora.data.types import ClientData
-from flexlora.methods.hetlora import self_pruning_penalty
+from flexlora.models import plain_head_parts
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
 ADAPTER = "default"
@@ -48,10 +48,10 @@ class TrainConfig:
     lora_dropout: float = 0.05
     grad_clip: float | None = 1.0
     max_examples: int | None = None  # use at most this many of a client's training examples
-    hetlora_lambda: float = 0.0  # > 0 adds HetLoRA's self-pruning regulariser
+    hetlora_lambda: float = 0.0  # HetLoRA (aggregation = hetlora): > 0 adds its self-pruning regulariser
     hetlora_gamma: float = 0.99
-    hetlora_prune: bool = False  # HetLoRA's rank self-pruning after local training (aggregation = hetlora)
-    freeze_A: bool = False  # FFA-LoRA trains B only
+    hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
+    freeze_A: bool = False  # train B only (FFA-LoRA sets it for its clients)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
 
 
@@ -104,9 +104,10 @@ def plan_batches(lengths: Sequence[int], cfg: TrainConfig, rng: random.Random) -
     return plan
 
 
-def planned_tokens(tokenizer, client: ClientData, cfg: TrainConfig, seed: int) -> int:
-    """The number of real (non-padding) tokens ``train_client`` will process: count before you run."""
-    data = tokenize_client(tokenizer, client, cfg)
+def planned_tokens(tokenizer, client: ClientData, cfg: TrainConfig, seed: int, data: list[tuple[list[int], list[int]]] | None = None) -> int:
+    """The number of real (non-padding) tokens ``train_client`` will process: count before you run
+    (``data``: the client's already tokenized examples)."""
+    data = tokenize_client(tokenizer, client, cfg) if data is None else data
     rng = random.Random(seed)
     return sum(len(data[i][0]) for step in plan_batches([len(ids) for ids, _ in data], cfg, rng) for mb in step for i in mb)
 
@@ -170,16 +171,6 @@ class _MicroBatch:
         self.batch = to_device(host, device)
 
 
-def _decoder_and_head(model):
-    """(decoder, lm_head) of a causal LM (PEFT-wrapped or not), or None if the layout is unknown."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
-    if head is None or decoder is None or getattr(inner.config, "final_logit_softcapping", None):
-        return None
-    return decoder, head
-
-
 def labelled_token_loss(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
@@ -189,7 +180,7 @@ def labelled_token_loss(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, int
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     count = int(keep.sum())
-    parts = _decoder_and_head(model)
+    parts = plain_head_parts(model)
     if parts is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), count
@@ -202,11 +193,12 @@ def labelled_token_loss(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, int
 class LocalTrainer:
     """Trains clients one at a time on one shared base model."""
 
-    def __init__(self, model, tokenizer, target_leaves: Sequence[str], cfg: TrainConfig) -> None:
+    def __init__(self, model, tokenizer, target_leaves: Sequence[str], cfg: TrainConfig, penalty=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.target_leaves = list(target_leaves)
         self.cfg = cfg
+        self.penalty = penalty  # a method's extra loss term (:class:`flexlora.methods.base.LocalPenalty`), or None
         if cfg.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
 
@@ -324,8 +316,8 @@ class LocalTrainer:
                 for m in micro:
                     loss_sum, _ = labelled_token_loss(peft_model, m.batch)
                     loss = loss_sum / n_labelled
-                    if cfg.hetlora_lambda > 0:
-                        loss = loss + cfg.hetlora_lambda / len(micro) * sum(self_pruning_penalty(A, B, cfg.hetlora_gamma) for A, B in pairs)
+                    if self.penalty is not None:
+                        loss = loss + self.penalty.weight / len(micro) * self.penalty.term(pairs)
                     loss.backward()
                     loss_log.add(loss_sum, n_labelled)
                     tokens += m.tokens

@@ -95,9 +95,6 @@ class ClientUpdate:
         """The client's per-module ranks (alpha recovered from the scale as alpha = scale * r)."""
         return {name: ModuleSpec(f.rank, f.scale * f.rank) for name, f in self.modules.items()}
 
-    def num_parameters(self) -> int:
-        return sum(f.A.numel() + f.B.numel() for f in self.modules.values())
-
 
 @dataclass
 class GlobalModule:

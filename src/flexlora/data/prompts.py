@@ -59,11 +59,6 @@ def prompt_parts(ex: Example, template: Template, tokenizer=None) -> PromptParts
     raise ValueError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
 
 
-def render_prompt(ex: Example, template: Template, tokenizer=None) -> str:
-    p = prompt_parts(ex, template, tokenizer)
-    return p.head + p.instruction + p.middle + p.input + p.tail
-
-
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 

@@ -421,14 +421,6 @@ SUITE_CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(t.category for t in SUIT
 DEFAULT_HELDOUT_TASKS = len(SUITE_CATEGORIES)
 
 
-def get_task(name: str) -> SuiteTask:
-    """The task called ``name`` (KeyError lists the valid names)."""
-    for task in SUITE_TASKS:
-        if task.name == name:
-            return task
-    raise KeyError(f"no suite task {name!r}; tasks: {[t.name for t in SUITE_TASKS]}")
-
-
 def _by_category() -> dict[str, list[SuiteTask]]:
     groups: dict[str, list[SuiteTask]] = {c: [] for c in SUITE_CATEGORIES}
     for task in SUITE_TASKS:

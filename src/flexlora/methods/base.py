@@ -9,10 +9,11 @@ for zero-padded states it is HetLoRA's truncation. A method overrides only what 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from abc import ABC, abstractmethod
-from typing import ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -30,12 +31,29 @@ from flexlora.update import (
 )
 
 
+class LocalPenalty(NamedTuple):
+    """An extra term of the local loss: ``weight * term(pairs)`` over the client's (A, B) pairs."""
+
+    weight: float
+    term: Callable[[Sequence[tuple[Tensor, Tensor]]], Tensor]
+
+
 class AggregationMethod(ABC):
-    """Aggregate heterogeneous-rank LoRA updates; share the result back at each client's ranks."""
+    """Aggregate heterogeneous-rank LoRA updates; share the result back at each client's ranks.
+
+    The server side is :meth:`aggregate` and :meth:`share_for`. The client side is a set of hooks
+    with neutral defaults, so a runner never asks which method it runs: :meth:`local_training`
+    (what local training trains and freezes), :meth:`local_penalty` (an extra loss term),
+    :meth:`after_local_training` (e.g. rank self-pruning) and :meth:`cap_spec` (ranks a client's
+    persistent state allows). A method that merges its update into the base weights returns a state
+    with ``base_delta`` set. ``client_options`` names the ``train.*`` settings only this method reads.
+    """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     supports_heterogeneous_ranks: ClassVar[bool] = True
+    client_options: ClassVar[tuple[str, ...]] = ()
+    merges_into_base: ClassVar[bool] = False  # its state carries base_delta: clients merge it and restart LoRA
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype  # the dtype the server computes in
@@ -83,6 +101,27 @@ class AggregationMethod(ABC):
             for name, (d_out, d_in) in shapes.items()
         }
         return ServerState(method=self.name, round=round, adapter=empty, info={"seed": self.seed})
+
+    # -- the client side -----------------------------------------------------------------------------
+    def local_training(self, train: Any) -> Any:
+        """The local-training settings (a ``TrainConfig``) this method needs; the default changes nothing."""
+        return train
+
+    def local_penalty(self, train: Any) -> LocalPenalty | None:
+        """An extra loss term added at every local step, or None."""
+        return None
+
+    def after_local_training(
+        self, updates: Sequence[ClientUpdate], client_state: dict[str, Any], train: Any
+    ) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]]]:
+        """Turn the clients' accepted updates into what they send (e.g. after rank self-pruning);
+        ``client_state`` persists across rounds and checkpoints. Returns the updates and, per
+        client id, notes for its line of the round record."""
+        return list(updates), {}
+
+    def cap_spec(self, spec: AdapterSpec, client_id: int | str, client_state: Mapping[str, Any]) -> AdapterSpec:
+        """The ranks a client trains at, given its persistent state; the default is its declared spec."""
+        return spec
 
     # -- helpers shared by the methods -------------------------------------------------------------
     def _prepare(

@@ -10,6 +10,7 @@ the server's initial state) and therefore one rank per module; both are checked.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -22,8 +23,11 @@ class FFALoRA(AggregationMethod):
     name = "ffa"
     paper = "Sun et al., ICLR 2024 (arXiv:2403.12313)"
     supports_heterogeneous_ranks = False
-    trains_A = False  # local training freezes lora_A
     exact_aggregate = True  # one shared A: mean(B) A == mean(B A)
+
+    def local_training(self, train):
+        """FFA-LoRA is defined by a frozen ``lora_A``: clients train B only."""
+        return dataclasses.replace(train, freeze_A=True)
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)

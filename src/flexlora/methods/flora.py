@@ -24,6 +24,7 @@ class FLoRA(AggregationMethod):
     paper = "Wang et al., NeurIPS 2024 (arXiv:2409.05976)"
 
     exact_aggregate = True
+    merges_into_base = True
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from flexlora.lowrank import factored_fro_norm
-from flexlora.methods.base import AggregationMethod, scaled_factors, zero_pad
+from flexlora.methods.base import AggregationMethod, LocalPenalty, scaled_factors, zero_pad
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ServerState
 
 Weighting = Literal["norm", "data", "norm_x_data"]
@@ -32,6 +32,7 @@ Weighting = Literal["norm", "data", "norm_x_data"]
 class HetLoRA(AggregationMethod):
     name = "hetlora"
     paper = "Cho et al., EMNLP 2024 (arXiv:2401.06432)"
+    client_options = ("hetlora_lambda", "hetlora_prune")  # train.hetlora_gamma is their shared parameter
 
     def __init__(self, weighting: Weighting = "norm", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=dtype, seed=seed, device=device)
@@ -52,6 +53,39 @@ class HetLoRA(AggregationMethod):
             adapter[name] = GlobalModule(A=A, B=B)
             module_weights[name] = w
         return self._state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
+
+    # -- the client side ---------------------------------------------------------------------------
+    def local_penalty(self, train) -> LocalPenalty | None:
+        """The self-pruning regulariser, ``lambda * sum over modules of ||B[:, q:]|| ||A[q:, :]||``."""
+        if train.hetlora_lambda <= 0:
+            return None
+        gamma = train.hetlora_gamma
+        return LocalPenalty(train.hetlora_lambda, lambda pairs: sum(self_pruning_penalty(A, B, gamma) for A, B in pairs))
+
+    def after_local_training(self, updates, client_state, train):
+        """Rank self-pruning (``train.hetlora_prune``): a client whose tail norm shrank since its previous
+        round drops its tail ranks, and keeps training at the pruned ranks (remembered in ``client_state``)."""
+        if not train.hetlora_prune:
+            return list(updates), {}
+        tails = client_state.setdefault("hetlora_tails", {})
+        ranks = client_state.setdefault("hetlora_ranks", {})
+        out, notes = [], {}
+        for u in updates:
+            pruned, tail, did = self_prune(u, train.hetlora_gamma, tails.get(u.client_id))
+            tails[u.client_id] = tail
+            notes[u.client_id] = {"tail_norm": tail}
+            if did:
+                ranks[u.client_id] = {n: f.rank for n, f in pruned.modules.items()}
+                notes[u.client_id]["pruned_ranks"] = dict(ranks[u.client_id])
+            out.append(pruned)
+        return out, notes
+
+    def cap_spec(self, spec, client_id, client_state):
+        """A client that self-pruned trains at its pruned ranks from then on."""
+        ranks = client_state.get("hetlora_ranks", {}).get(str(client_id))
+        if not ranks:
+            return spec
+        return {n: replace(s, rank=min(s.rank, ranks.get(n, s.rank))) for n, s in spec.items()}
 
     def _weights(self, norms: list[float], p_data: list[float]) -> list[float]:
         if self.weighting == "data":

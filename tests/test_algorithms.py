@@ -37,10 +37,10 @@ PAIRS = [(alg, agg) for alg in ("fedit", "fedavg", "slora") for agg in sorted(ME
 @pytest.mark.parametrize("algorithm, aggregation", PAIRS)
 def test_every_sensible_pair_runs_end_to_end(shared, tmp_path, algorithm, aggregation):
     overrides = [f'federation.algorithm="{algorithm}"', f'federation.aggregation="{aggregation}"', "federation.slora_rounds=1"]
-    if aggregation in ("fedavg", "ffa"):
+    if not METHODS[aggregation].supports_heterogeneous_ranks:
         overrides.append('resources.distribution="homo"')  # these need one rank for everybody
-    if algorithm == "slora" and aggregation == "flora":
-        with pytest.raises(ConfigError, match="FLoRA restarts LoRA"):
+    if algorithm == "slora" and METHODS[aggregation].restarts_adapter:
+        with pytest.raises(ConfigError, match=f"{METHODS[aggregation].__name__} restarts LoRA"):  # FLoRA, FLoRIST
             load_config(SMOKE, [*FAST, *overrides])
         return
     sim = _sim(shared, tmp_path, *overrides)

@@ -15,8 +15,8 @@ from flexlora.config import ConfigError, load_config
 from flexlora.diagnostics import aggregation_report
 from flexlora.lowrank import svd_of_sum
 from flexlora.methods import get_method
-from flexlora.models import load_model, resolve_device, resolve_model_dtype
-from flexlora.simulate import Simulation, config_changes, load_clients
+from flexlora.models import resolve_device, resolve_model_dtype
+from flexlora.simulate import Simulation, config_changes
 from flexlora.train import LocalTrainer, TrainConfig
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 

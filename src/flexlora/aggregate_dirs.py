@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from flexlora.diagnostics import aggregation_report, summarise
-from flexlora.fsutil import atomic_directory
+from flexlora.fsutil import atomic_directory, check_output_folder, mark_output
 from flexlora.methods import get_method
 from flexlora.peft_io import AdapterError, read_adapter, write_adapter
 from flexlora.update import LoraFactors, ModuleSpec, UpdateError, normalise_weights
@@ -34,15 +34,15 @@ def aggregate_adapter_dirs(
     the global update under ``out/global/`` and ``out/report.json``. Returns the report."""
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UpdateError(f"{out}: output folder exists and is not empty (choose a new one or pass --overwrite)")
     if not inputs:
         raise UpdateError("no adapter directories given")
     paths = [Path(p) for p in inputs]
-    names = [p.resolve().name for p in paths]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UpdateError(f"two inputs share the folder name {dupes[0]!r}; outputs are named after it, so rename one")
+    check_output_folder(out, paths, overwrite=overwrite)
+    options = dict(method_options or {})
+    method = get_method(method_name, **options)
+    if weights is not None and not method.uses_weights:
+        raise UpdateError(f"{method_name} with these options ignores --weights ({method.paper}); drop --weights, or choose weighting=data or norm_x_data")
+    names = output_names(paths)
     if "global" in names or "report.json" in names:
         raise UpdateError("an input folder may not be named 'global' or 'report.json' (reserved output names)")
 
@@ -64,19 +64,21 @@ def aggregate_adapter_dirs(
         if problems:
             raise AdapterError(f"{a.path / 'adapter_model.safetensors'}: {problems[0]}")
 
-    options = dict(method_options or {})
-    method = get_method(method_name, **options)
     method.check_specs([a.specs for a in adapters])
     state = method.aggregate(updates, weights=p)
     t_agg = time.perf_counter()
 
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp:  # replaces ``out`` (a flexlora output, checked above) only when complete
+        mark_output(tmp, "aggregate")
         for a, name in zip(adapters, names):
             share = method.share_for(state, a.specs)
             write_adapter(tmp / name, share, a.specs, template=a.config, dtype=a.dtype)
-        global_modules = state.base_delta if state.base_delta is not None else state.adapter
-        g_specs = {n: ModuleSpec(rank=gm.rank, alpha=float(gm.rank)) for n, gm in global_modules.items() if gm.rank > 0}
-        g_factors = {n: LoraFactors(A=gm.A, B=gm.B, scale=1.0) for n, gm in global_modules.items() if gm.rank > 0}
+        g_factors = {}  # the exact global update: the adapter plus what the method merges into the base weights
+        for n, gm in state.adapter.items():
+            parts = [x for x in (gm, (state.base_delta or {}).get(n)) if x is not None and x.rank > 0]
+            if parts:
+                g_factors[n] = LoraFactors(A=torch.cat([x.A for x in parts], 0), B=torch.cat([x.B for x in parts], 1), scale=1.0)
+        g_specs = {n: ModuleSpec(rank=f.rank, alpha=float(f.rank)) for n, f in g_factors.items()}
         if g_factors:
             write_adapter(tmp / "global", g_factors, g_specs, template=adapters[0].config, dtype=adapters[0].dtype, use_rslora=False)
         t_write = time.perf_counter()
@@ -104,3 +106,14 @@ def aggregate_adapter_dirs(
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
     return report
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """Each input's output folder name: its own name, prefixed by as many parent folders as it takes to
+    tell inputs apart (two trainers' ``checkpoint-10`` become ``runA-checkpoint-10`` and ``runB-checkpoint-10``)."""
+    parts = [p.resolve().parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["-".join(x[-depth:]).lstrip("/-") or "root" for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise UpdateError("the same adapter folder is given twice")

@@ -18,7 +18,13 @@ from flexlora.update import UpdateError
 EXIT_BAD_INPUT = 2
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UpdateError, DataError, ConfigError, FileNotFoundError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flexlora.checkpoint import CheckpointError
+
+    return (UpdateError, DataError, ConfigError, FileNotFoundError, CheckpointError)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = _user_errors()
 
 
 def _parse_value(text: str) -> Any:
@@ -61,9 +67,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     options = _parse_options(args.option)
     if "dtype" in options:
-        import torch
+        from flexlora.models import SERVER_DTYPES, resolve_dtype
 
-        options["dtype"] = getattr(torch, str(options["dtype"]))
+        if options["dtype"] not in SERVER_DTYPES:
+            raise ConfigError(f"--option dtype={options['dtype']}: the server computes in one of {list(SERVER_DTYPES)}")
+        options["dtype"] = resolve_dtype(str(options["dtype"]))
     report = aggregate_adapter_dirs(
         args.adapters, args.method, args.out, weights=_parse_weights(args.weights), method_options=options, overwrite=args.overwrite
     )
@@ -80,14 +88,26 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from flexlora.fsutil import atomic_write_text
+
     from flexlora.config import load_config
     from flexlora.simulate import Simulation
+
+    from flexlora.fsutil import atomic_directory, check_output_folder
 
     cfg = load_config(args.config, _overrides(args))
     if args.plan:
         return _print_plan(cfg)
-    sim = Simulation(cfg, Path(args.out), progress=not args.quiet)
-    summary = sim.run(resume=args.resume)
+    out = Path(args.out)
+    inputs = [p for p in (cfg.data.path, cfg.data.heldout_file, cfg.model.source) if p and Path(p).exists()]
+    check_output_folder(out, inputs, overwrite=args.overwrite, resume=args.resume)
+    if args.overwrite and not args.resume and out.is_dir() and any(out.iterdir()):
+        with atomic_directory(out) as staging:  # the old run stays whole until the new one is complete
+            summary = Simulation(cfg, staging, progress=not args.quiet).run()
+            summary["final_adapters"] = str(out / "final")
+            atomic_write_text(staging / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        summary = Simulation(cfg, out, progress=not args.quiet).run(resume=args.resume)
     from flexlora.compare import print_table
 
     print_table([summary])
@@ -189,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints, final adapters")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. federation.rounds=5")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a run folder flexlora wrote, once the new run is complete")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--plan", action="store_true", help="count the run's local-training tokens (tokenizer only, no model) and exit")
     run.add_argument("--device", help="where the model trains and evaluates: auto, cpu, cuda, cuda:N, mps (sets model.device)")

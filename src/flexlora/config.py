@@ -7,6 +7,7 @@ before a model is loaded or a client trains.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.evaluate import EvalConfig
 from flexlora.methods import METHODS
-from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_quantization, resolve_device
+from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
 
@@ -253,7 +254,7 @@ def validate(cfg: RunConfig) -> None:
     if fed.fraction is not None and not 0 < fed.fraction <= 1:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
     if fed.algorithm == "slora":
-        if METHODS[fed.aggregation].merges_into_base:
+        if METHODS[fed.aggregation].restarts_adapter:
             raise ConfigError(
                 f"federation: slora + {fed.aggregation} makes no sense: {METHODS[fed.aggregation].__name__} restarts LoRA from a fresh init every round, "
                 "discarding SLoRA's initialisation"
@@ -322,3 +323,51 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
     if fed.algorithm == "fedavg" and tr.optimizer == "adamw":
         tr.optimizer = "sgd"  # the paper's FedAvg column trains with SGD
+
+
+# -- comparing configs: what makes a checkpoint unusable ---------------------------------------
+def config_fingerprint(cfg: RunConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("name", None)
+    d.pop("compare", None)
+    d["eval"] = {k: v for k, v in d["eval"].items()}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("types", "custom_distribution", "method_options"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+RUNS_ANYWHERE = ("model.device", "federation.server_device")  # a run moves between devices: not a config change
+
+
+def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The config keys that make a checkpoint unusable for ``cfg``: values that differ, except options
+    the checkpoint's config does not know yet (added to flexlora since) that are at their default,
+    which by construction change nothing. ``name`` and ``compare`` never matter."""
+    def plain(d: dict[str, Any]) -> dict[str, Any]:  # as config.json stores it: JSON types, flat dotted keys
+        return _flatten(json.loads(json.dumps(d, default=str)))
+
+    old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
+    here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
+    for d in (old, new, default):  # "auto" means what it resolves to on this machine
+        if d.get("model.dtype") == "auto":
+            d["model.dtype"] = here
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE:
+            continue
+        if key not in old:
+            if new[key] != default.get(key):
+                changed.append(f"{key} = {new[key]!r} is new")
+        elif key not in new:
+            changed.append(f"{key} no longer exists")
+        elif old[key] != new[key]:
+            changed.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changed

@@ -63,3 +63,42 @@ def atomic_directory(target: Path, keep_existing: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+MARKER = ".flexlora-output"  # in every folder flexlora writes: --overwrite replaces only folders that hold it
+
+
+class OutputFolderError(ValueError):
+    """An output folder that would put the user's files at risk; the message says which and why."""
+
+
+def check_output_folder(out: Path, inputs: Iterable[Path | str] = (), overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse, before any work, an output folder that is, contains or lies inside an input, that is
+    (or contains) the working directory, or that already holds something: unless ``resume`` (the
+    caller resumes what is there) or ``overwrite`` of a folder flexlora itself wrote (it holds
+    :data:`MARKER`; the caller replaces it only once the new result is complete)."""
+    target = Path(out).resolve()  # through symlinks: a link to an input is that input
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputFolderError(f"{out}: is {'the working directory' if target == cwd else 'a parent of the working directory'}; write into a new folder")
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source:
+            raise OutputFolderError(f"{out}: is the input {given}; write into a new folder")
+        if target in source.parents:
+            raise OutputFolderError(f"{out}: contains the input {given}; write into a new folder")
+        if source in target.parents:
+            raise OutputFolderError(f"{out}: lies inside the input {given}; write into a new folder")
+    if target.exists() and not target.is_dir():
+        raise OutputFolderError(f"{out}: is a file, not a folder")
+    if resume or not (target.is_dir() and any(target.iterdir())):
+        return
+    if not overwrite:
+        raise OutputFolderError(f"{out}: output folder exists and is not empty (choose a new folder, --resume a run there, or --overwrite a flexlora output)")
+    if not (target / MARKER).is_file():
+        raise OutputFolderError(f"{out}: --overwrite replaces only a folder flexlora wrote (it holds {MARKER}); this one does not, so nothing was touched")
+
+
+def mark_output(folder: Path, kind: str) -> None:
+    """Sign a folder as flexlora's output (what ``--overwrite`` may replace)."""
+    atomic_write_text(Path(folder) / MARKER, f'{{"written_by": "flexlora", "kind": "{kind}"}}\n')

@@ -9,8 +9,6 @@ the clients' persistent state and, for FLoRA, the update merged into the base we
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import random
 import time
@@ -21,13 +19,14 @@ import torch
 from torch import Tensor
 
 from flexlora.checkpoint import load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
-from flexlora.config import ConfigError, RunConfig
+from flexlora.config import ConfigError, RunConfig, config_changes, config_fingerprint
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients
-from flexlora.fsutil import atomic_write_text
+from flexlora.failures import draw_failure, garbage_update
+from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
-from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype, resolve_model_dtype
+from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype
 from flexlora.peft_io import write_adapter
 from flexlora.resources import target_module_names
 from flexlora.rounds import (
@@ -39,12 +38,11 @@ from flexlora.rounds import (
     build_federation,
     derived_seed,
     factor_bytes,
-    mean,
     metrics_entry,
-    rank_summary,
 )
-from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta, sparse_mask, train_client_sparse
-from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
+from flexlora.slora import SparseWarmup
+from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta
+from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 
 METRICS = "metrics.jsonl"
 RoundFn = Callable[[int, ServerState, Any], "tuple[dict[str, Any], ServerState]"]
@@ -73,7 +71,7 @@ def load_clients(cfg: RunConfig) -> list[ClientData]:
     return clients
 
 
-class Simulation:
+class Simulation(SparseWarmup):
     """A federated run in one process. ``run()`` is resumable at round granularity."""
 
     def __init__(self, cfg: RunConfig, out: Path, model=None, tokenizer=None, clients: list[ClientData] | None = None, progress: bool = True) -> None:
@@ -134,6 +132,7 @@ class Simulation:
         cfg = self.cfg
         round_fn = round_fn or self.run_round
         self.out.mkdir(parents=True, exist_ok=True)
+        mark_output(self.out, "run")
         fingerprint = config_fingerprint(cfg)
         start_round = 1
         state = self.method.initial_state(self.fed.shapes)
@@ -234,7 +233,7 @@ class Simulation:
     def _train_planned(self, rnd: int, planned: PlannedClient, fail_rng: random.Random, outcome: RoundOutcome) -> ClientUpdate | None:
         """One client's local training; its status goes into its record line, a failure into ``outcome.dropped``."""
         cid, entry = planned.cid, planned.entry
-        failure = _draw_failure(fail_rng, self.cfg.failures)
+        failure = draw_failure(fail_rng, self.cfg.failures)
         if failure in ("crash", "straggle"):
             outcome.dropped[cid] = ["crashed during local training" if failure == "crash" else "missed the round timeout"]
             entry["status"] = ClientStatus(failure)
@@ -252,85 +251,12 @@ class Simulation:
         finally:
             self.model = self.trainer.model
         entry.update(status=ClientStatus.OK, **metrics_entry(result.metrics))
-        return _garbage(result.update, fail_rng) if failure == "garbage" else result.update
-
-    # -- SLoRA ----------------------------------------------------------------------------------------
-    def is_sparse_round(self, rnd: int) -> bool:
-        return self.cfg.federation.algorithm == "slora" and rnd <= self.cfg.federation.slora_rounds
-
-    def sparse_masks(self, client: ClientData, spec: dict[str, ModuleSpec]) -> dict[str, Tensor]:
-        """SLoRA stage 1: a fixed random mask per client and module, with as many entries as the
-        client's LoRA at that module has parameters (its resource type sets the density)."""
-        masks = {}
-        for name, (d_out, d_in) in self.fed.shapes.items():
-            density = min(1.0, spec[name].rank * (d_in + d_out) / (d_in * d_out))
-            masks[name] = sparse_mask((d_out, d_in), density, derived_seed(self.cfg.federation.seed, "mask", client.client_id, name))
-        return masks
-
-    def run_sparse_round(self, rnd: int, bar=None) -> dict[str, Any]:
-        """FedAvg of the clients' sparse full-weight updates, merged into the base weights."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        train_cfg = dataclasses.replace(cfg.train, lr=cfg.federation.slora_lr)
-        fail_rng = random.Random(derived_seed(cfg.federation.seed, "failures", rnd))
-        acc = {n: torch.zeros(s, dtype=self.server_dtype) for n, s in self.fed.shapes.items()}
-        total_n, clients_log, dropped, bytes_up = 0, [], {}, 0
-        nnz_global = sum(int((d != 0).sum()) for d in self.merged.values())
-        selected = self.sample(rnd)
-        for client in selected:
-            cid = str(client.client_id)
-            spec = self.spec_for(client, rnd)
-            entry: dict[str, Any] = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": rank_summary(spec)}
-            failure = _draw_failure(fail_rng, cfg.failures)
-            if failure in ("crash", "straggle"):
-                dropped[cid] = ["crashed during local training" if failure == "crash" else "missed the round timeout"]
-                clients_log.append({**entry, "status": ClientStatus(failure)})
-                continue
-            masks = self.sparse_masks(client, spec)
-            res = train_client_sparse(self.model, self.tokenizer, client, masks, train_cfg, derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
-            if failure == "garbage":
-                res.deltas[sorted(res.deltas)[0]][0, 0] = float("nan")
-            if not all(bool(torch.isfinite(d).all()) for d in res.deltas.values()):
-                dropped[cid] = ["sparse update contains NaN or Inf"]
-                clients_log.append({**entry, "status": ClientStatus.REJECTED})
-                continue
-            for name, d in res.deltas.items():
-                acc[name] += client.num_examples * d.to(self.server_dtype)
-            total_n += client.num_examples
-            bytes_up += res.nnz * 8  # value + int32 index
-            clients_log.append({**entry, "status": ClientStatus.OK, "density": res.nnz / sum(m.numel() for m in masks.values()), **{k: v for k, v in res.metrics.items()}})
-        rec: dict[str, Any] = {"round": rnd, "stage": "slora-sparse", "clients": clients_log, "dropped": dropped, "bytes_up": bytes_up, "bytes_down": nnz_global * 8 * len(selected)}
-        ok = [e for e in clients_log if e.get("status") == ClientStatus.OK]
-        if len(ok) < max(1, cfg.federation.min_clients):
-            rec["skipped"] = f"only {len(ok)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
-            return rec
-        for name, a in acc.items():
-            d = a / total_n
-            self.merged[name] = self.merged[name] + d if name in self.merged else d
-        self._set_base_weights()
-        rec["train_loss"] = mean([e["loss_mean"] for e in ok])
-        rec["tokens"] = sum(e["tokens"] for e in ok)
-        rec["timings"] = {"train": time.perf_counter() - t0}
-        return rec
-
-    def slora_transition(self, rnd: int) -> ServerState:
-        """End of stage 1: the base weights go back to the original ones and the accumulated sparse
-        update becomes the LoRA initialisation, SVD-ordered so every client's share is its best
-        rank-r approximation (whatever aggregation stage 2 uses)."""
-        adapter = {}
-        for name, delta in self.merged.items():
-            U, S, Vh = torch.linalg.svd(delta.to(self.server_dtype), full_matrices=False)
-            adapter[name] = GlobalModule(A=Vh.contiguous(), B=(U * S).contiguous(), spectrum=S)
-        self.stage1_delta = self.merged
-        self.merged = {}
-        self._set_base_weights()
-        return ServerState(method=self.method.name, round=rnd, adapter=adapter, info={"seed": self.cfg.federation.seed, "slora_init": True})
+        return garbage_update(result.update, fail_rng) if failure == "garbage" else result.update
 
     # -- evaluation and outputs --------------------------------------------------------------------
     def adapter_deltas(self, state: ServerState) -> dict[str, Tensor]:
-        """The global adapter's dense update per module (empty for FLoRA, whose update is merged)."""
-        if state.base_delta is not None:
-            return {}
+        """The global adapter's dense update per module (empty when clients restart LoRA: FLoRA's whole
+        update is merged into the base weights, see :attr:`merged`)."""
         return {name: gm.delta(self.server_dtype) for name, gm in state.adapter.items() if gm.rank}
 
     def global_deltas(self, state: ServerState) -> dict[str, Tensor]:
@@ -382,7 +308,8 @@ class Simulation:
 
     def finish(self, state: ServerState, history: list[dict[str, Any]]) -> dict[str, Any]:
         final = self.out / "final"
-        self.write_global_adapters(state, final)
+        with atomic_directory(final) as staging:  # whole and new: never mixed with an older run's adapters
+            self.write_global_adapters(state, staging)
         evals = [h for h in history if "eval" in h]
         last = evals[-1]["eval"] if evals else None
         first = evals[0]["eval"] if evals and evals[0]["round"] == 0 else None
@@ -391,7 +318,8 @@ class Simulation:
             "name": self.cfg.name,
             "aggregation": self.method.name,
             "algorithm": self.cfg.federation.algorithm,
-            "distribution": self.cfg.resources.distribution if self.cfg.resources.mode == "types" else "budget",
+            "distribution": ("custom" if self.cfg.resources.custom_distribution else self.cfg.resources.distribution) if self.cfg.resources.mode == "types" else "budget",
+            "custom_distribution": dict(self.cfg.resources.custom_distribution) or None,
             "rounds": self.cfg.federation.rounds,
             "train_clients": len(self.fed.train_clients),
             "eval_clients": len(self.fed.eval_clients),
@@ -424,7 +352,7 @@ class Simulation:
         template = {"base_model_name_or_path": str(self.cfg.model.source), "lora_dropout": self.cfg.train.lora_dropout}
         if factors:
             write_adapter(folder / "global", factors, specs, template=template)
-        if state.base_delta is None and self.cfg.resources.mode == "types":
+        if not self.method.restarts_adapter and self.cfg.resources.mode == "types":
             seen = {}
             for cid, t in sorted(self.fed.types.items()):
                 seen.setdefault(t, self.fed.specs[cid])
@@ -434,53 +362,6 @@ class Simulation:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def config_fingerprint(cfg: RunConfig) -> str:
-    d = cfg.to_dict()
-    d.pop("name", None)
-    d.pop("compare", None)
-    d["eval"] = {k: v for k, v in d["eval"].items()}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and k not in ("types", "custom_distribution", "method_options"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-RUNS_ANYWHERE = ("model.device", "federation.server_device")  # a run moves between devices: not a config change
-
-
-def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The config keys that make a checkpoint unusable for ``cfg``: values that differ, except options
-    the checkpoint's config does not know yet (added to flexlora since) that are at their default,
-    which by construction change nothing. ``name`` and ``compare`` never matter."""
-    def plain(d: dict[str, Any]) -> dict[str, Any]:  # as config.json stores it: JSON types, flat dotted keys
-        return _flatten(json.loads(json.dumps(d, default=str)))
-
-    old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
-    here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
-    for d in (old, new, default):  # "auto" means what it resolves to on this machine
-        if d.get("model.dtype") == "auto":
-            d["model.dtype"] = here
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE:
-            continue
-        if key not in old:
-            if new[key] != default.get(key):
-                changed.append(f"{key} = {new[key]!r} is new")
-        elif key not in new:
-            changed.append(f"{key} no longer exists")
-        elif old[key] != new[key]:
-            changed.append(f"{key}: {old[key]!r} -> {new[key]!r}")
-    return changed
-
-
 def _saved_config(out: Path) -> dict[str, Any] | None:
     """A checkpoint written before checkpoints carried their config: the run's config.json."""
     try:
@@ -492,34 +373,6 @@ def _saved_config(out: Path) -> dict[str, Any] | None:
 def aggregation_spectra(state: ServerState) -> dict[str, dict]:
     """Spectrum summaries of an SVD-ordered state (no client updates to compare against)."""
     return {n: spectrum_summary(gm.spectrum, []) for n, gm in state.adapter.items() if gm.spectrum is not None}
-
-
-def _draw_failure(rng: random.Random, f) -> str | None:
-    x = rng.random()
-    if x < f.crash:
-        return "crash"
-    if x < f.crash + f.garbage:
-        return "garbage"
-    if x < f.crash + f.garbage + f.straggle:
-        return "straggle"
-    return None
-
-
-def _garbage(update: ClientUpdate, rng: random.Random) -> ClientUpdate:
-    """A hostile or broken client: NaN, a wrong shape, or an absurd norm."""
-    kind = rng.choice(["nan", "shape", "norm"])
-    modules = dict(update.modules)
-    name = sorted(modules)[rng.randrange(len(modules))]
-    f = modules[name]
-    if kind == "nan":
-        A = f.A.clone()
-        A[0, 0] = float("nan")
-        modules[name] = LoraFactors(A, f.B, f.scale)
-    elif kind == "shape":
-        modules[name] = LoraFactors(torch.zeros(f.rank, f.d_in + 1), f.B, f.scale)
-    else:
-        modules = {n: LoraFactors(g.A * 1e4, g.B * 1e4, g.scale) for n, g in modules.items()}
-    return ClientUpdate(update.client_id, update.num_examples, modules, {**update.meta, "garbage": kind})
 
 
 def _counts(values) -> dict[str, int]:

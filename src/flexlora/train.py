@@ -165,29 +165,42 @@ class _MicroBatch:
 
     def __init__(self, items: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> None:
         host = collate(items, pad_id)
-        self.labelled = int((host["labels"][:, 1:] != -100).sum())
+        host["positions"], host["targets"] = labelled_positions(host["labels"])
+        self.labelled = int(host["targets"].numel())
         self.tokens = int(host["attention_mask"].sum())
         self.padded = host["input_ids"].numel()
         self.batch = to_device(host, device)
+
+
+def labelled_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(flat row-major indices into the (batch x length) positions whose *next* token is labelled,
+    those next tokens): made once on the host, so the device never waits on a boolean mask."""
+    nxt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)  # position t predicts token t + 1
+    index = (nxt != -100).flatten().nonzero().squeeze(1)
+    return index, nxt.flatten().index_select(0, index)
 
 
 def labelled_token_loss(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
     Runs the decoder, then the output layer only on positions whose next token is labelled.
-    Falls back to the model's full logits for architectures it does not recognise.
-    """
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    count = int(keep.sum())
+    Falls back to the model's full logits for architectures it does not recognise. ``batch`` may
+    carry ``positions`` and ``targets`` from :func:`labelled_positions` (made on the host)."""
+    if "positions" in batch:
+        index, targets = batch["positions"], batch["targets"]
+    else:
+        index, targets = labelled_positions(batch["labels"])
+    count = int(targets.numel())
     parts = plain_head_parts(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), count
-    decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1]
-    logits = head(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum"), count
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    else:
+        decoder, head = parts
+        logits = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    picked = logits.flatten(0, 1).index_select(0, index)  # a view, then a gather: no copy of the batch
+    if parts is not None:
+        picked = head(picked)  # the output layer at the scored positions only
+    return torch.nn.functional.cross_entropy(picked.float(), targets, reduction="sum"), count
 
 
 class LocalTrainer:

@@ -6,14 +6,16 @@ from typing import Any
 
 from flexlora.methods.base import AggregationMethod
 from flexlora.methods.fedavg import FedAvg
+from flexlora.methods.fedex import FedExLoRA
 from flexlora.methods.ffa import FFALoRA
 from flexlora.methods.flexlora import FlexLoRA
 from flexlora.methods.flora import FLoRA
+from flexlora.methods.florist import FLoRIST
 from flexlora.methods.hetlora import HetLoRA
 from flexlora.methods.rank_partition import RankPartition
 
 METHODS: dict[str, type[AggregationMethod]] = {
-    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA, RankPartition)
+    cls.name: cls for cls in (FlexLoRA, FedAvg, HetLoRA, FLoRA, FFALoRA, RankPartition, FLoRIST, FedExLoRA)
 }
 
 
@@ -29,4 +31,4 @@ def get_method(name: str, **options: Any) -> AggregationMethod:
         raise ValueError(f"bad options for method {name!r}: {e}") from None
 
 
-__all__ = ["AggregationMethod", "METHODS", "get_method", "FlexLoRA", "FedAvg", "HetLoRA", "FLoRA", "FFALoRA", "RankPartition"]
+__all__ = ["AggregationMethod", "METHODS", "get_method", "FlexLoRA", "FedAvg", "HetLoRA", "FLoRA", "FFALoRA", "RankPartition", "FLoRIST", "FedExLoRA"]

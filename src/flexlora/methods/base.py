@@ -9,7 +9,6 @@ for zero-padded states it is HetLoRA's truncation. A method overrides only what 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from abc import ABC, abstractmethod
@@ -53,12 +52,18 @@ class AggregationMethod(ABC):
     paper: ClassVar[str]
     supports_heterogeneous_ranks: ClassVar[bool] = True
     client_options: ClassVar[tuple[str, ...]] = ()
-    merges_into_base: ClassVar[bool] = False  # its state carries base_delta: clients merge it and restart LoRA
+    merges_into_base: ClassVar[bool] = False  # its state carries base_delta: every client merges it into its base weights
+    restarts_adapter: ClassVar[bool] = False  # every client restarts LoRA from a fresh init each round (FLoRA, FLoRIST)
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype  # the dtype the server computes in
         self.seed = seed  # seeds the random rows given to ranks the state does not fill
         self.device = torch.device(device)  # where the server computes; the state it returns is on the CPU
+
+    @property
+    def uses_weights(self) -> bool:
+        """Whether ``aggregate(weights=...)`` changes the result (HetLoRA's norm weighting ignores them)."""
+        return True
 
     @property
     def exact_aggregate(self) -> bool:

@@ -25,6 +25,7 @@ class FLoRA(AggregationMethod):
 
     exact_aggregate = True
     merges_into_base = True
+    restarts_adapter = True
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)

@@ -54,6 +54,10 @@ class HetLoRA(AggregationMethod):
             module_weights[name] = w
         return self._state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
 
+    @property
+    def uses_weights(self) -> bool:
+        return self.weighting != "norm"
+
     # -- the client side ---------------------------------------------------------------------------
     def local_penalty(self, train) -> LocalPenalty | None:
         """The self-pruning regulariser, ``lambda * sum over modules of ||B[:, q:]|| ||A[q:, :]||``."""

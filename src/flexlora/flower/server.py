@@ -1,308 +1,41 @@
-"""The Flower deployment layer: payloads, the node's handlers and the server's round.
-
-The Flower App in ``flower_app/`` is a thin shell over this module, and this module is a thin
-layer over the same core as the in-process simulator: the server side builds a
-:class:`flexlora.simulate.Simulation` (model, data, federation, method, evaluation, metrics,
-checkpoints, final adapters) and replaces only the local-training loop of a round by messages to
-the nodes; planning, validation, aggregation and diagnostics run in the round engine (:mod:`flexlora.rounds`). The node
-side trains with :meth:`flexlora.train.LocalTrainer.train_client`, exactly as the simulator does.
-
-Messages (Flower's Message API, one message per node, so every node gets its own ranks):
-
-* ``query`` (server -> node): the run config; the node answers with its partition id (its client
-  id), rank type or explicit ranks, memory budget and number of training examples, declared with
-  ``--node-config`` in a deployment or derived from the partition id in Flower's simulation.
-* ``train`` (server -> node): the round, the training seed, the node's per-module spec and its
-  share of the global adapter (float32 factors; FLoRA adds the merged base update in float64);
-  the node answers with its trained factors, their scales, its number of examples and the
-  training metrics.
-
-flwr is imported only by the functions that need it: ``import flexlora.flower`` works without it.
-"""
+"""The server side (ServerApp): discover the nodes, then run the simulator's loop with rounds planned
+and closed by the round engine and trained on the nodes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from torch import Tensor
-
+from flexlora.flower.node import NodeProfile
+from flexlora.flower.payloads import (
+    LOG,
+    QUERY,
+    RUN_CONFIG_DEFAULTS,
+    SUMMARY,
+    TRAIN,
+    FlowerRunError,
+    _flwr,
+    arrays_to_factors,
+    config_to_json,
+    factors_to_arrays,
+    message_nbytes,
+    spec_to_config,
+)
 from flexlora.rounds import ClientStatus
-from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
+from flexlora.update import ClientUpdate, ServerState, UpdateError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+    from flwr.app import Context
 
     from flexlora.config import RunConfig
     from flexlora.rounds import RoundOutcome, RoundPlan
     from flexlora.simulate import Simulation
 
-LOG = logging.getLogger("flwr.flexlora")  # a child of Flower's logger: shows in `flwr log` / `--stream`
 
-QUERY = "query"
-TRAIN = "train"
-SUMMARY = "summary.json"
-
-# The run config of the Flower App (`[tool.flwr.app.config]`), with its defaults.
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "config": "",  # flexlora TOML config ("" = built-in defaults); absolute, or relative to the ServerApp's cwd
-    "set": "",  # overrides, "federation.rounds=4; train.lr=1e-4"
-    "aggregation": "",  # method override: flexlora | fedavg | hetlora | flora | ffa | rank_partition
-    "out": "runs/flower",  # run folder: metrics.jsonl, checkpoints, summary.json, final/
-    "resume": False,
-    "round-timeout": 600.0,  # seconds a round waits for replies; late nodes are left out of that round
-    "min-clients": 0,  # a round needs replies from this many nodes (0: federation.min_clients)
-    "round-retries": 1,  # a round without enough replies is retried this often, then the run stops
-    "min-nodes": 1,  # nodes to wait for before the first round
-    "node-wait-timeout": 120.0,  # seconds to wait for them (and for their answers to the query)
-}
-
-
-class FlowerRunError(RuntimeError):
-    """The Flower run cannot go on (too few nodes, too few replies); the message says why."""
-
-
-def _flwr():
-    try:
-        import flwr.app as app
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the Flower layer needs flwr: pip install 'flexlora[flower]'") from e
-    return app
-
-
-# -- payload encoding ----------------------------------------------------------------------------
-def factors_to_arrays(factors: Mapping[str, LoraFactors], dtype: torch.dtype = torch.float32) -> "ArrayRecord":
-    """``{name}.A`` / ``{name}.B`` arrays (C-order, ``dtype``) in an ArrayRecord."""
-    app = _flwr()
-    arrays = {}
-    for name, f in factors.items():
-        arrays[f"{name}.A"] = app.Array(f.A.detach().to(dtype).contiguous().numpy())
-        arrays[f"{name}.B"] = app.Array(f.B.detach().to(dtype).contiguous().numpy())
-    return app.ArrayRecord(arrays)
-
-
-def arrays_to_tensors(record: "ArrayRecord") -> dict[str, Tensor]:
-    return {key: torch.from_numpy(arr.numpy().copy()) for key, arr in record.items()}
-
-
-def arrays_to_factors(record: "ArrayRecord", scales: Mapping[str, float]) -> dict[str, LoraFactors]:
-    """Factors back from ``factors_to_arrays``; ``scales`` name the modules. Raises UpdateError
-    (naming the module) for a missing, extra or malformed array."""
-    tensors = arrays_to_tensors(record)
-    expected = {f"{n}.{w}" for n in scales for w in "AB"}
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise UpdateError(f"unexpected arrays {extra[:3]} (no scale declared for them)")
-    out = {}
-    for name, scale in scales.items():
-        if f"{name}.A" not in tensors or f"{name}.B" not in tensors:
-            raise UpdateError(f"module {name}: lora_A or lora_B missing from the payload")
-        out[name] = LoraFactors(A=tensors[f"{name}.A"], B=tensors[f"{name}.B"], scale=float(scale))
-    return out
-
-
-def spec_to_config(spec: Mapping[str, ModuleSpec]) -> "ConfigRecord":
-    app = _flwr()
-    names = list(spec)  # the spec's order is the optimizer's parameter order: keep it
-    return app.ConfigRecord(
-        {
-            "modules": names,
-            "ranks": [int(spec[n].rank) for n in names],
-            "alphas": [float(spec[n].alpha) for n in names],
-            "rslora": [bool(spec[n].rslora) for n in names],
-        }
-    )
-
-
-def config_to_spec(record: Mapping[str, Any]) -> dict[str, ModuleSpec]:
-    names, ranks, alphas, rs = (list(record[k]) for k in ("modules", "ranks", "alphas", "rslora"))
-    if not len(names) == len(ranks) == len(alphas) == len(rs):
-        raise UpdateError("spec payload: modules, ranks, alphas and rslora differ in length")
-    return {n: ModuleSpec(rank=int(r), alpha=float(a), rslora=bool(s)) for n, r, a, s in zip(names, ranks, alphas, rs)}
-
-
-def message_nbytes(message: "Message") -> int:
-    """Bytes of a message as Flower ships it: every object (message, records, arrays, array
-    chunks) deflated, as pushed to / pulled from the SuperLink (HTTP framing not included)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-def config_to_json(cfg: "RunConfig") -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-
-
-# A node's --node-config keys that replace keys of the server's run config on that node.
-NODE_OVERRIDES = {"data-path": ("data", "path"), "model-source": ("model", "source"), "device": ("model", "device"), "dtype": ("model", "dtype")}
-
-
-def config_from_json(text: str, node_config: Mapping[str, Any] | None = None) -> "RunConfig":
-    """The run config as this machine sees it: a node's own paths and device replace the server's
-    before anything is checked (the server's data path need not exist on the node)."""
-    from flexlora.config import RunConfig, from_dict, validate
-
-    data = json.loads(text)
-    for key, (section, field_name) in NODE_OVERRIDES.items():
-        if node_config and node_config.get(key):
-            data.setdefault(section, {})[field_name] = str(node_config[key])
-    cfg = from_dict(RunConfig, data)
-    validate(cfg)
-    return cfg
-
-
-# -- the node -------------------------------------------------------------------------------------
-@dataclass
-class NodeProfile:
-    """What a node declares about itself (``--node-config``), and its training-set size."""
-
-    partition_id: int
-    num_examples: int
-    rank_type: str | None = None
-    group_ranks: dict[str, int] | None = None  # explicit ranks, e.g. {"attention": 16, "mlp": 64}
-    budget_mib: float | None = None
-
-    def to_config(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"partition-id": self.partition_id, "num-examples": self.num_examples}
-        if self.rank_type:
-            d["rank-type"] = self.rank_type
-        for group, r in (self.group_ranks or {}).items():
-            d[f"rank-{group}"] = int(r)
-        if self.budget_mib is not None:
-            d["budget-mib"] = float(self.budget_mib)
-        return d
-
-    @classmethod
-    def from_config(cls, d: Mapping[str, Any]) -> "NodeProfile":
-        ranks = {k[len("rank-") :]: int(v) for k, v in d.items() if k.startswith("rank-") and k != "rank-type"}
-        return cls(
-            partition_id=int(d["partition-id"]),
-            num_examples=int(d["num-examples"]),
-            rank_type=str(d["rank-type"]) if d.get("rank-type") else None,
-            group_ranks=ranks or None,
-            budget_mib=float(d["budget-mib"]) if "budget-mib" in d else None,
-        )
-
-
-def _partition_id(node_config: Mapping[str, Any]) -> int:
-    if "partition-id" not in node_config:
-        raise ValueError("this node has no partition-id: start it with --node-config 'partition-id=N ...' (N = its client id)")
-    return int(node_config["partition-id"])
-
-
-class NodeRuntime:
-    """A node's model, tokenizer, trainer and data for one run config (kept between messages
-    when Flower reuses the process, e.g. in the in-process test grid)."""
-
-    _cache: dict[str, "NodeRuntime"] = {}
-
-    def __init__(self, cfg: "RunConfig", with_model: bool) -> None:
-        from flexlora.simulate import load_clients
-
-        self.cfg = cfg
-        self.clients = {c.client_id: c for c in load_clients(cfg)}
-        self.model = self.tokenizer = self.trainer = None
-        self.originals: dict[str, Tensor] = {}
-        if with_model:
-            self.load_model()
-
-    def load_model(self) -> None:
-        if self.trainer is not None:
-            return
-        from flexlora.methods import get_method
-        from flexlora.models import load_model
-        from flexlora.resources import target_module_names
-        from flexlora.train import LocalTrainer
-
-        self.model, self.tokenizer = load_model(self.cfg.model)
-        method = get_method(self.cfg.federation.aggregation, **dict(self.cfg.federation.method_options))  # its client side only
-        self.trainer = LocalTrainer(self.model, self.tokenizer, self.cfg.lora.targets, method.local_training(self.cfg.train), method.local_penalty(self.cfg.train))
-        shapes = target_module_names(self.model, self.cfg.lora.targets)
-        self.originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in shapes}
-
-    @classmethod
-    def get(cls, cfg: "RunConfig", with_model: bool) -> "NodeRuntime":
-        key = hashlib.sha256(config_to_json(cfg).encode()).hexdigest()
-        rt = cls._cache.get(key)
-        if rt is None:
-            cls._cache.clear()  # one run config at a time
-            rt = cls._cache[key] = NodeRuntime(cfg, with_model)
-        elif with_model:
-            rt.load_model()
-        return rt
-
-    def client(self, partition_id: int):
-        c = self.clients.get(partition_id)
-        if c is None:
-            raise ValueError(f"partition-id {partition_id}: no such client in this node's data ({len(self.clients)} clients)")
-        if c.heldout or not c.train:
-            raise ValueError(f"partition-id {partition_id}: this client is held out for evaluation or has no training data")
-        return c
-
-
-def node_profile(node_config: Mapping[str, Any], cfg: "RunConfig") -> NodeProfile:
-    """The node's answer to the query: its declared resources and its number of examples."""
-    pid = _partition_id(node_config)
-    client = NodeRuntime.get(cfg, with_model=False).client(pid)
-    declared = {k: v for k, v in node_config.items() if k.startswith("rank-") or k == "budget-mib"}
-    return NodeProfile.from_config({**declared, "partition-id": pid, "num-examples": client.num_examples})
-
-
-def handle_query(msg: "Message", context: "Context") -> "Message":
-    """ClientApp ``query``: report this node's profile."""
-    app = _flwr()
-    cfg = config_from_json(str(msg.content["config"]["run-config"]), context.node_config)
-    profile = node_profile(context.node_config, cfg)
-    return app.Message(app.RecordDict({"profile": app.ConfigRecord(profile.to_config())}), reply_to=msg)
-
-
-def handle_train(msg: "Message", context: "Context") -> "Message":
-    """ClientApp ``train``: load the share at this node's ranks, train locally, send the factors."""
-    app = _flwr()
-    from flexlora.train import apply_dense_delta
-
-    conf = msg.content["config"]
-    cfg = config_from_json(str(conf["run-config"]), context.node_config)
-    pid = _partition_id(context.node_config)
-    if int(conf["client-id"]) != pid:
-        raise ValueError(f"message for client {conf['client-id']} reached the node with partition-id {pid}")
-    rt = NodeRuntime.get(cfg, with_model=True)
-    client = rt.client(pid)
-    spec = config_to_spec(msg.content["spec"])
-    share = arrays_to_factors(msg.content["share"], {n: s.scale for n, s in spec.items()})
-    merged = arrays_to_tensors(msg.content["base"]) if "base" in msg.content else {}
-    apply_dense_delta(rt.model, merged, rt.originals)  # FLoRA: W = W0 + everything merged so far
-    try:
-        result = rt.trainer.train_client(client, spec, share, seed=int(conf["seed"]))
-    finally:
-        rt.model = rt.trainer.model
-        apply_dense_delta(rt.model, {}, rt.originals)
-    names = list(result.update.modules)  # the order the server's simulator would see them in
-    content = app.RecordDict(
-        {
-            "update": factors_to_arrays({n: result.update.modules[n] for n in names}),
-            "meta": app.ConfigRecord(
-                {
-                    "client-id": pid,
-                    "num-examples": int(result.update.num_examples),
-                    "modules": names,
-                    "scales": [float(result.update.modules[n].scale) for n in names],
-                }
-            ),
-            "metrics": app.MetricRecord({k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}),
-        }
-    )
-    return app.Message(content, reply_to=msg)
-
-
-# -- the server -----------------------------------------------------------------------------------
 @dataclass
 class FlowerSettings:
     """The Flower App's run config, typed."""

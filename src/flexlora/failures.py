@@ -1,0 +1,38 @@
+"""Failure injection for the simulator (``[failures]``): clients that crash, straggle past the
+timeout, or send garbage (NaN, a wrong shape, an absurd norm), drawn per round from the run seed."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from flexlora.update import ClientUpdate, LoraFactors
+
+
+def draw_failure(rng: random.Random, f) -> str | None:
+    x = rng.random()
+    if x < f.crash:
+        return "crash"
+    if x < f.crash + f.garbage:
+        return "garbage"
+    if x < f.crash + f.garbage + f.straggle:
+        return "straggle"
+    return None
+
+
+def garbage_update(update: ClientUpdate, rng: random.Random) -> ClientUpdate:
+    """A hostile or broken client: NaN, a wrong shape, or an absurd norm."""
+    kind = rng.choice(["nan", "shape", "norm"])
+    modules = dict(update.modules)
+    name = sorted(modules)[rng.randrange(len(modules))]
+    f = modules[name]
+    if kind == "nan":
+        A = f.A.clone()
+        A[0, 0] = float("nan")
+        modules[name] = LoraFactors(A, f.B, f.scale)
+    elif kind == "shape":
+        modules[name] = LoraFactors(torch.zeros(f.rank, f.d_in + 1), f.B, f.scale)
+    else:
+        modules = {n: LoraFactors(g.A * 1e4, g.B * 1e4, g.scale) for n, g in modules.items()}
+    return ClientUpdate(update.client_id, update.num_examples, modules, {**update.meta, "garbage": kind})

@@ -1,0 +1,48 @@
+"""FedEx-LoRA: average A and B, and add the exact residual to the frozen base weights.
+
+Singhal, Ponkshe, Vepakomma. "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning
+of Foundation Models." ACL 2025, arXiv:2410.09432.
+
+Every client trains the same rank. The server averages the factors as FedIT does (``B = sum p_k s_k
+B_k``, ``A = sum p_k A_k``), which every client continues from, and puts the error that averaging
+makes, ``sum_k p_k s_k B_k A_k - B A``, into everybody's base weights. Adapter plus residual is the
+exact weighted average of the clients' updates. The residual is held exactly as stacked factors,
+``[p_1 s_1 B_1, ..., p_K s_K B_K, -B] @ [A_1; ...; A_K; A]`` (rank at most (K + 1) r), so nothing
+dense is formed on the server; clients merge it as FLoRA's clients merge their stack.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from flexlora.lowrank import stack_factors
+from flexlora.methods.base import AggregationMethod, modules_on_cpu, scaled_factors
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
+
+
+class FedExLoRA(AggregationMethod):
+    name = "fedex"
+    paper = "Singhal et al., ACL 2025 (arXiv:2410.09432)"
+    supports_heterogeneous_ranks = False
+    exact_aggregate = True  # adapter + residual = sum p_k s_k B_k A_k
+    merges_into_base = True  # the residual; the averaged adapter is kept (LoRA is not restarted)
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+        updates, p = self._prepare(updates, weights)
+        self.check_specs([u.spec() for u in updates])
+        adapter: dict[str, GlobalModule] = {}
+        residual: dict[str, GlobalModule] = {}
+        for name in updates[0].modules:
+            pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
+            B = sum(w * sB for w, (sB, _) in zip(p, pairs))
+            A = sum(w * A for w, (_, A) in zip(p, pairs))
+            adapter[name] = GlobalModule(A=A, B=B)
+            # sum_k p_k (s_k B_k) A_k - B A, as one product of stacked factors
+            Bs = [sB for sB, _ in pairs] + [B]
+            As = [A_k for _, A_k in pairs] + [A]
+            res_B, res_A = stack_factors(Bs, As, [*p, -1.0], self.dtype)
+            residual[name] = GlobalModule(A=res_A, B=res_B)
+        state = self._state(round, adapter, updates, p)
+        state.base_delta = modules_on_cpu(residual)
+        state.info["merge_into_base"] = True
+        return state

@@ -1,0 +1,70 @@
+"""FLoRIST: the stacked update, truncated to the global rank that keeps a given share of its energy.
+
+Ramesh et al. "FLoRIST: Singular Value Thresholding for Efficient and Accurate Federated Fine-Tuning
+of Large Language Models." MLSys 2026, arXiv:2506.09199.
+
+As in FLoRA, the server stacks the clients' weighted factors, ``dW = [p_1 s_1 B_1, ..., p_K s_K B_K]
+@ [A_1; ...; A_K]`` (any mix of ranks), and every client merges the global update into its base
+weights and restarts LoRA from a fresh initialisation. FLoRIST does not ship the stack: it takes the
+SVD of the stacked product without forming ``dW`` (the paper: an SVD of each stack and of the small
+core; here the same exact SVD through thin QRs, :mod:`flexlora.lowrank`) and keeps the smallest rank
+``k`` whose singular values hold at least ``threshold`` of the energy, ``sum_{i<=k} s_i^2 / sum s_i^2``.
+The rank is chosen per module; ``threshold = 1`` keeps every nonzero direction (FLoRA's exact update,
+at its own rank).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from flexlora.lowrank import SvdPath, svd_of_sum
+from flexlora.methods.base import AggregationMethod, modules_on_cpu, scaled_factors
+from flexlora.update import ClientUpdate, GlobalModule, ServerState
+
+
+class FLoRIST(AggregationMethod):
+    name = "florist"
+    paper = "Ramesh et al., MLSys 2026 (arXiv:2506.09199)"
+    merges_into_base = True
+    restarts_adapter = True
+
+    def __init__(self, threshold: float = 0.9, svd_path: SvdPath = "auto", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__(dtype=dtype, seed=seed, device=device)
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold = float(threshold)
+        self.svd_path = svd_path
+
+    @property
+    def exact_aggregate(self) -> bool:
+        return False  # truncated on purpose (even at threshold 1, rounding decides the last directions)
+
+    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+        updates, p = self._prepare(updates, weights)
+        kept: dict[str, GlobalModule] = {}
+        ranks: dict[str, int] = {}
+        for name in updates[0].modules:
+            Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
+            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype)
+            k = energy_rank(svd.S, self.threshold)
+            kept[name] = GlobalModule(A=svd.Vh[:k].contiguous(), B=(svd.U[:, :k] * svd.S[:k]).contiguous(), spectrum=svd.S)
+            ranks[name] = k
+        shapes = {name: (gm.d_out, gm.d_in) for name, gm in kept.items()}
+        state = self.initial_state(shapes, round=round)  # fresh LoRA for everybody next round
+        state.base_delta = modules_on_cpu(kept)
+        state.weights = {u.client_id: float(w) for u, w in zip(updates, p)}
+        state.info.update(merge_into_base=True, global_ranks=ranks, threshold=self.threshold)
+        return state
+
+
+def energy_rank(S: torch.Tensor, threshold: float) -> int:
+    """The smallest k with ``sum_{i<k} S_i^2 >= threshold * sum S_i^2`` (at least 1)."""
+    energy = S.double().square()
+    total = float(energy.sum())
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(energy, 0) / total
+    reached = (cum >= threshold - 1e-12).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else int(S.numel())

@@ -16,33 +16,30 @@ from __future__ import annotations
 from typing import Sequence
 
 from flexlora.lowrank import stack_factors
-from flexlora.methods.base import AggregationMethod, modules_on_cpu, scaled_factors
+from flexlora.methods.base import modules_on_cpu, scaled_factors
+from flexlora.methods.fedavg import FedAvg
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
-class FedExLoRA(AggregationMethod):
+class FedExLoRA(FedAvg):
+    """FedAvg's averaged factors, plus the residual that averaging leaves, merged into the base weights."""
+
     name = "fedex"
     paper = "Singhal et al., ACL 2025 (arXiv:2410.09432)"
-    supports_heterogeneous_ranks = False
     exact_aggregate = True  # adapter + residual = sum p_k s_k B_k A_k
     merges_into_base = True  # the residual; the averaged adapter is kept (LoRA is not restarted)
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
-        updates, p = self._prepare(updates, weights)
-        self.check_specs([u.spec() for u in updates])
-        adapter: dict[str, GlobalModule] = {}
+        state = super().aggregate(updates, weights, round)  # checks the ranks, averages A and s B
+        p = [state.weights[u.client_id] for u in updates]
         residual: dict[str, GlobalModule] = {}
-        for name in updates[0].modules:
+        for name, mean in state.adapter.items():
             pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
-            B = sum(w * sB for w, (sB, _) in zip(p, pairs))
-            A = sum(w * A for w, (_, A) in zip(p, pairs))
-            adapter[name] = GlobalModule(A=A, B=B)
-            # sum_k p_k (s_k B_k) A_k - B A, as one product of stacked factors
-            Bs = [sB for sB, _ in pairs] + [B]
-            As = [A_k for _, A_k in pairs] + [A]
+            # sum_k p_k (s_k B_k) A_k - mean(s B) mean(A), as one product of stacked factors
+            Bs = [sB for sB, _ in pairs] + [mean.B.to(self.device, self.dtype)]
+            As = [A for _, A in pairs] + [mean.A.to(self.device, self.dtype)]
             res_B, res_A = stack_factors(Bs, As, [*p, -1.0], self.dtype)
             residual[name] = GlobalModule(A=res_A, B=res_B)
-        state = self._state(round, adapter, updates, p)
         state.base_delta = modules_on_cpu(residual)
         state.info["merge_into_base"] = True
         return state

@@ -157,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from flexlora.config import EvalConfig, load_config
     from flexlora.evaluate import evaluate_clients
+    from flexlora.fsutil import atomic_write_text
     from flexlora.models import load_model
     from flexlora.simulate import load_clients
 
@@ -181,10 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
     result["adapter"] = args.adapter
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
     print(f"Rouge-L (weighted) {result['rouge_l_weighted']:.2f}, mean {result['rouge_l_mean']:.2f} over {len(clients)} clients -> {out}")
     return 0
 

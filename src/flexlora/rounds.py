@@ -168,6 +168,32 @@ class RoundOutcome:
     train_seconds: float
 
 
+@dataclass
+class RoundRecord:
+    """What happened in one round: one line of ``metrics.jsonl`` (the runners add evaluation,
+    timings of their own and, on Flower, the nodes' traffic to its plain-data form)."""
+
+    round: int
+    clients: list[dict[str, Any]]  # one line per selected client: id, type, n, ranks, status (ClientStatus), metrics
+    dropped: dict[str, list[str]]  # client id -> why it was left out
+    bytes_up: int
+    bytes_down: int
+    timings: dict[str, float]
+    skipped: str | None = None  # why the global state stayed as it was (too few valid updates)
+    aggregation: dict[str, Any] | None = None  # diagnostics summary (None when skipped)
+    train_loss: float | None = None
+    tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"round": self.round, "clients": self.clients, "dropped": self.dropped, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        if self.skipped is not None:
+            d["skipped"] = self.skipped
+        else:
+            d.update(aggregation=self.aggregation, train_loss=self.train_loss, tokens=self.tokens)
+        d["timings"] = dict(self.timings)
+        return d
+
+
 class RoundEngine:
     """Plans and closes rounds for one run; holds the server-side state that is not the method's
     (clients' persistent state, the update merged into the base weights)."""
@@ -223,7 +249,7 @@ class RoundEngine:
         return derived_seed(self.cfg.federation.seed, "train", rnd, client_id)
 
     # -- the server's half ---------------------------------------------------------------------------
-    def close(self, plan: RoundPlan, state: ServerState, outcome: RoundOutcome) -> tuple[dict[str, Any], ServerState]:
+    def close(self, plan: RoundPlan, state: ServerState, outcome: RoundOutcome) -> tuple[RoundRecord, ServerState]:
         """Screen the updates, let the method finish the clients' side, aggregate, merge, diagnose.
 
         Returns the round's record and the new state (the old one when fewer than ``min_clients``
@@ -237,10 +263,9 @@ class RoundEngine:
         for e in entries:
             if str(e["id"]) in rejected:
                 e["status"] = ClientStatus.REJECTED
-        rec: dict[str, Any] = {"round": plan.round, "clients": entries, "dropped": dropped, "bytes_up": outcome.bytes_up, "bytes_down": plan.bytes_down}
+        rec = RoundRecord(plan.round, entries, dropped, outcome.bytes_up, plan.bytes_down, timings={"train": outcome.train_seconds, "aggregate": 0.0})
         if len(accepted) < max(1, cfg.federation.min_clients):
-            rec["skipped"] = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
-            rec["timings"] = {"train": outcome.train_seconds, "aggregate": 0.0}
+            rec.skipped = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             return rec, state
         accepted = self._after_local_training(accepted, specs, entries)
         new_state = self.method.aggregate(accepted, round=plan.round)
@@ -252,12 +277,11 @@ class RoundEngine:
         weights = [new_state.weights[u.client_id] for u in accepted]
         share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
         report = aggregation_report(new_state, accepted, weights, share_ranks, exact=self.method.exact_aggregate)
-        rec["aggregation"] = summarise(report)
-        rec["aggregation"]["per_layer_type"] = per_layer_type(report)
+        rec.aggregation = {**summarise(report), "per_layer_type": per_layer_type(report)}
         ok = [e for e in entries if e.get("status") == ClientStatus.OK]
-        rec["train_loss"] = mean([e["loss_mean"] for e in ok])
-        rec["tokens"] = sum(e.get("tokens", 0) for e in ok)
-        rec["timings"] = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
+        rec.train_loss = mean([e["loss_mean"] for e in ok])
+        rec.tokens = sum(e.get("tokens", 0) for e in ok)
+        rec.timings = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
         return rec, new_state
 
     def _after_local_training(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], entries: list[dict[str, Any]]) -> list[ClientUpdate]:

@@ -225,10 +225,10 @@ class Simulation(SparseWarmup):
         if bar is not None:
             bar.remove_task(task)
         outcome.train_seconds = time.perf_counter() - plan.started
-        rec, new_state = self.engine.close(plan, state, outcome)
+        record, new_state = self.engine.close(plan, state, outcome)
         if new_state.base_delta is not None:
             self._set_base_weights()  # the merged update is part of everybody's base weights from now on
-        return rec, new_state
+        return record.to_dict(), new_state
 
     def _train_planned(self, rnd: int, planned: PlannedClient, fail_rng: random.Random, outcome: RoundOutcome) -> ClientUpdate | None:
         """One client's local training; its status goes into its record line, a failure into ``outcome.dropped``."""

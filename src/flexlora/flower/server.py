@@ -216,7 +216,8 @@ class FlowerServer:
             )
         for cid, reasons in a.outcome.dropped.items():
             LOG.warning("flexlora: round %d: client %s left out: %s", rnd, cid, "; ".join(reasons))
-        rec, new_state = self.sim.engine.close(a.plan, state, a.outcome)
+        record, new_state = self.sim.engine.close(a.plan, state, a.outcome)
+        rec = record.to_dict()
         rec["flower"] = {"attempts": attempt, "failed_attempts": failed, "nodes": a.nodes, "round_seconds": a.outcome.train_seconds}
         ok = sum(1 for e in rec["clients"] if e.get("status") == ClientStatus.OK)
         LOG.info("flexlora: round %d done: %d update(s) aggregated, %d client(s) left out%s", rnd, ok, len(rec["dropped"]), " (round skipped)" if "skipped" in rec else "")

@@ -195,6 +195,9 @@ def test_each_node_gets_its_own_ranks_and_bytes_are_counted(pair):
         ("rank_partition", []),
         ("fedavg", ['resources.distribution="homo"']),
         ("ffa", ['resources.distribution="homo"']),
+        # central DP: Poisson sampling, clipping and seeded noise come out the same on both runners
+        ("flexlora", ["privacy.clip_norm=0.5", "privacy.noise_multiplier=1.0"]),
+        ("fedavg", ['resources.distribution="homo"', "privacy.clip_norm=0.5", "privacy.noise_multiplier=1.0"]),
     ],
 )
 def test_every_method_is_selectable_and_matches_the_simulator(tmp_path, method, extra):
@@ -206,6 +209,10 @@ def test_every_method_is_selectable_and_matches_the_simulator(tmp_path, method, 
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["aggregation"] == method and summary["status"] == "completed"
     _same_adapters(tmp_path / "sim" / "final", tmp_path / "flower" / "final")
+    if any(o.startswith("privacy.") for o in extra):
+        sim_summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+        assert summary["privacy"] == sim_summary["privacy"] and summary["privacy"]["epsilon"] > 0
+        assert [r.get("privacy") for r in _metrics(tmp_path / "flower")] == [r.get("privacy") for r in _metrics(tmp_path / "sim")]
     if method == "flora":  # round 2 ships the dense merged update: 2 layers x 64 x (64+32+32+64+128+128+128) in the server dtype
         r2 = [r for r in _metrics(tmp_path / "flower") if r["round"] == 2][0]
         itemsize = 8 if load_config(SMOKE, overrides).federation.server_dtype == "float64" else 4

@@ -130,9 +130,18 @@ def _print_plan(cfg) -> int:
     by_id = {c.client_id: c for c in train}
     per_round = []
     for rnd in range(1, cfg.federation.rounds + 1):
-        per_round.append(sum(planned_tokens(tokenizer, c, cfg.train, derived_seed(cfg.federation.seed, "train", rnd, c.client_id), tokenize_client_cached(c.client_id)) for c in sample_clients(train, cfg.federation, rnd)))
+        per_round.append(sum(planned_tokens(tokenizer, c, cfg.train, derived_seed(cfg.federation.seed, "train", rnd, c.client_id), tokenize_client_cached(c.client_id)) for c in sample_clients(train, cfg.federation, rnd, cfg.privacy)))
     print(f"{cfg.name}: {len(train)} training clients, {cfg.federation.rounds} rounds; local-training tokens per round "
           f"min {min(per_round):,} / mean {sum(per_round) // len(per_round):,} / max {max(per_round):,}; total {sum(per_round):,}")
+    pv = cfg.privacy
+    if pv.noisy:
+        from flexlora.privacy import epsilon
+        from flexlora.rounds import clients_per_round
+
+        m = clients_per_round(cfg.federation, len(train))
+        eps = epsilon(pv.noise_multiplier, cfg.federation.rounds, pv.delta, pv.sampling, len(train), m)
+        print(f"privacy: epsilon {eps:.3g} at delta {pv.delta:g} after {cfg.federation.rounds} rounds ({pv.sampling} sampling of {m} of {len(train)} clients, "
+              f"noise multiplier {pv.noise_multiplier:g}, clip norm {pv.clip_norm:g}: noise std {pv.noise_multiplier * pv.clip_norm / m:.3g} per entry)")
     return 0
 
 

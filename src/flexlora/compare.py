@@ -101,18 +101,28 @@ def plot_runs(out: Path, labels: Sequence[str]) -> Path | None:
     return path
 
 
+def _epsilon(summary: Mapping[str, Any]) -> str:
+    """epsilon at delta for a DP run, "clip" for clipping alone, "-" without either."""
+    pv = summary.get("privacy")
+    if not pv:
+        return "-"
+    if "epsilon" not in pv:
+        return "clip"
+    return f"{pv['epsilon']:.2f} (d={pv['delta']:.0e})"
+
+
 def print_table(summaries: Sequence[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="flexlora compare")
-    for col in ("run", "aggregation", "ranks", "rounds", "tokens", "train loss", "Rouge-L base", "Rouge-L final", "eval loss", "train s"):
+    for col in ("run", "aggregation", "ranks", "rounds", "tokens", "train loss", "Rouge-L base", "Rouge-L final", "eval loss", "epsilon", "train s"):
         table.add_column(col, justify="right" if col not in ("run", "aggregation", "ranks") else "left")
     fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     for s in summaries:
         table.add_row(
             s["name"], s["aggregation"], s["distribution"], str(s["rounds"]), str(s["tokens"]), fmt(s["final_train_loss"], 3),
-            fmt(s["base_rouge_l_weighted"]), fmt(s["rouge_l_weighted"]), fmt(s["proxy_eval_loss"], 3), fmt(s["train_seconds"], 0),
+            fmt(s["base_rouge_l_weighted"]), fmt(s["rouge_l_weighted"]), fmt(s["proxy_eval_loss"], 3), _epsilon(s), fmt(s["train_seconds"], 0),
         )
     import sys
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,28 @@ class FailureConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Central user-level differential privacy (:mod:`flexlora.privacy`). ``clip_norm`` > 0 clips every
+    client's whole update to that Frobenius norm; ``noise_multiplier`` > 0 adds Gaussian noise of std
+    ``noise_multiplier * clip_norm / m`` to the aggregate (m: the round's client count; its expectation
+    under Poisson sampling) and switches to uniform client weights and ``sampling``; epsilon at ``delta``
+    is accounted with Google's dp-accounting (RDP). Clipping alone is a robustness option (no epsilon)."""
+
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    sampling: str = "poisson"  # poisson (each client joins w.p. clients_per_round / N) | fixed (m of N without replacement)
+
+    @property
+    def clips(self) -> bool:
+        return self.clip_norm > 0
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_multiplier > 0
+
+
+@dataclass
 class RunEvalConfig(EvalConfig):
     """Evaluation inside a run: every ``every`` rounds (0 = only at the end), before training
     (the base model's line) if ``at_start``, on ``clients`` held-out clients (all of them when
@@ -122,6 +145,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: RunEvalConfig = field(default_factory=RunEvalConfig)
     failures: FailureConfig = field(default_factory=FailureConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compare: list[dict[str, Any]] = field(default_factory=list)  # `flexlora compare`: tables with a label and config changes
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,6 +334,7 @@ def validate(cfg: RunConfig) -> None:
     f = cfg.failures
     if min(f.crash, f.garbage, f.straggle) < 0 or f.crash + f.garbage + f.straggle > 1:
         raise ConfigError("failures: crash, garbage and straggle are fractions >= 0 that add up to at most 1")
+    _validate_privacy(cfg)
     if cfg.eval.every < 0 or cfg.eval.clients < 0:
         raise ConfigError("eval.every and eval.clients must be >= 0")
     if not 0 < tr.hetlora_gamma <= 1:
@@ -323,6 +348,30 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
     if fed.algorithm == "fedavg" and tr.optimizer == "adamw":
         tr.optimizer = "sgd"  # the paper's FedAvg column trains with SGD
+
+
+def _validate_privacy(cfg: RunConfig) -> None:
+    pv, fed = cfg.privacy, cfg.federation
+    if not (math.isfinite(pv.clip_norm) and pv.clip_norm >= 0):
+        raise ConfigError(f"privacy.clip_norm must be a finite number >= 0 (0 = no clipping), got {pv.clip_norm}")
+    if not (math.isfinite(pv.noise_multiplier) and pv.noise_multiplier >= 0):
+        raise ConfigError(f"privacy.noise_multiplier must be a finite number >= 0, got {pv.noise_multiplier}")
+    if not pv.noisy:
+        return
+    if not pv.clips:
+        raise ConfigError("privacy.noise_multiplier needs privacy.clip_norm > 0: noise is calibrated to the clipping bound")
+    if not 0 < pv.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {pv.delta}")
+    if pv.sampling not in ("poisson", "fixed"):
+        raise ConfigError(f"privacy.sampling must be 'poisson' or 'fixed', got {pv.sampling!r}")
+    method = METHODS[fed.aggregation]
+    if method.dp_release is None:
+        ok = sorted(n for n, m in METHODS.items() if m.dp_release is not None)
+        raise ConfigError(f"privacy: {fed.aggregation} has no differentially private form here ({method.dp_note}); use one of {ok}")
+    if fed.algorithm == "slora":
+        raise ConfigError("privacy: SLoRA's stage 1 sends sparse full-weight updates, which the DP mechanism does not cover; use fedit or fedavg")
+    if fed.min_clients > 1:
+        raise ConfigError("privacy: federation.min_clients must be 1 under DP (skipping a round because few clients came would reveal how many did)")
 
 
 # -- comparing configs: what makes a checkpoint unusable ---------------------------------------

@@ -68,8 +68,9 @@ def choose_path(d_out: int, d_in: int, total_rank: int) -> str:
     return "factored" if flops["factored"] <= flops["dense"] else "dense"
 
 
-def svd_of_product(Bcat: Tensor, Acat: Tensor, path: SvdPath = "auto", keep: int | None = None) -> Svd:
-    """Exact thin SVD of ``Bcat @ Acat``.
+def svd_of_product(Bcat: Tensor, Acat: Tensor, path: SvdPath = "auto", keep: int | None = None, dense: Tensor | None = None) -> Svd:
+    """Exact thin SVD of ``Bcat @ Acat`` (plus ``dense``, a full-size term such as DP noise, which
+    makes the sum full-rank and so always takes the dense path).
 
     All k = min(R, d_out, d_in) singular values are returned; the singular vectors only for the
     top ``keep`` of them (all when None). Rotating the small SVD's vectors back to full size is a
@@ -79,12 +80,18 @@ def svd_of_product(Bcat: Tensor, Acat: Tensor, path: SvdPath = "auto", keep: int
     R2, d_in = Acat.shape
     if R != R2:
         raise ValueError(f"inner dimensions differ: B is {tuple(Bcat.shape)}, A is {tuple(Acat.shape)}")
-    if path == "auto":
+    if dense is not None:
+        if tuple(dense.shape) != (d_out, d_in):
+            raise ValueError(f"the dense term is {tuple(dense.shape)}, the product is {(d_out, d_in)}")
+        path = "dense"
+    elif path == "auto":
         path = choose_path(d_out, d_in, R)
-    k = min(R, d_out, d_in)
+    k = min(R, d_out, d_in) if dense is None else min(d_out, d_in)
     kv = k if keep is None else max(0, min(keep, k))
     if path == "dense":
         dW = Bcat @ Acat
+        if dense is not None:
+            dW += dense.to(dW.device, dW.dtype)
         if d_out < d_in:  # LAPACK is markedly faster on tall matrices: take the SVD of the transpose
             V, S, Uh = torch.linalg.svd(dW.T, full_matrices=False)
             return Svd(Uh[:kv].T, S[:k], V[:, :kv].T, "dense")
@@ -115,10 +122,11 @@ def svd_of_sum(
     path: SvdPath = "auto",
     dtype: torch.dtype = torch.float32,
     keep: int | None = None,
+    dense: Tensor | None = None,
 ) -> Svd:
-    """Exact thin SVD of ``sum_k coeffs[k] * Bs[k] @ As[k]`` (vectors for the top ``keep`` only)."""
+    """Exact thin SVD of ``sum_k coeffs[k] * Bs[k] @ As[k] (+ dense)`` (vectors for the top ``keep`` only)."""
     Bcat, Acat = stack_factors(Bs, As, coeffs, dtype)
-    return svd_of_product(Bcat, Acat, path, keep)
+    return svd_of_product(Bcat, Acat, path, keep, dense)
 
 
 def factored_fro_norm(B: Tensor, A: Tensor) -> float:

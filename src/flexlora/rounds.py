@@ -24,6 +24,7 @@ from torch import Tensor
 
 from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.methods import AggregationMethod
+from flexlora.privacy import Mechanism, aggregate_private, epsilon, noise_generator, privatize
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 from flexlora.validate import ValidationConfig, screen_updates
@@ -105,10 +106,16 @@ def clients_per_round(fed_cfg, num_clients: int) -> int:
     return min(k, num_clients)
 
 
-def sample_clients(train_clients: Sequence["ClientData"], fed_cfg, rnd: int) -> list["ClientData"]:
-    """The clients of round ``rnd``: a fixed-size sample without replacement, seeded by (seed, round)."""
+def sample_clients(train_clients: Sequence["ClientData"], fed_cfg, rnd: int, privacy=None) -> list["ClientData"]:
+    """The clients of round ``rnd``, seeded by (seed, round): a fixed-size sample without replacement,
+    or, under DP with Poisson sampling, each client independently with probability m / N (the
+    sampling the privacy amplification assumes; the round's size varies and may be zero)."""
     rng = random.Random(derived_seed(fed_cfg.seed, "sample", rnd))
-    return sorted(rng.sample(list(train_clients), clients_per_round(fed_cfg, len(train_clients))), key=lambda c: c.client_id)
+    m = clients_per_round(fed_cfg, len(train_clients))
+    if privacy is not None and privacy.noisy and privacy.sampling == "poisson":
+        q = m / len(train_clients)
+        return [c for c in sorted(train_clients, key=lambda c: c.client_id) if rng.random() < q]
+    return sorted(rng.sample(list(train_clients), m), key=lambda c: c.client_id)
 
 
 # -- bytes ----------------------------------------------------------------------------------------------
@@ -183,6 +190,7 @@ class RoundRecord:
     aggregation: dict[str, Any] | None = None  # diagnostics summary (None when skipped)
     train_loss: float | None = None
     tokens: int = 0
+    privacy: dict[str, Any] | None = None  # clipping, noise and epsilon spent so far (flexlora.privacy)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"round": self.round, "clients": self.clients, "dropped": self.dropped, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
@@ -190,6 +198,8 @@ class RoundRecord:
             d["skipped"] = self.skipped
         else:
             d.update(aggregation=self.aggregation, train_loss=self.train_loss, tokens=self.tokens)
+        if self.privacy is not None:
+            d["privacy"] = self.privacy
         d["timings"] = dict(self.timings)
         return d
 
@@ -214,7 +224,7 @@ class RoundEngine:
             self.method.check_specs(list(federation.specs.values()))
 
     def sample(self, rnd: int) -> list["ClientData"]:
-        return sample_clients(self.fed.train_clients, self.cfg.federation, rnd)
+        return sample_clients(self.fed.train_clients, self.cfg.federation, rnd, self.cfg.privacy)
 
     def spec_for(self, client: "ClientData", rnd: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
         """The client's per-module ranks this round; ``budget_mib`` overrides the configured budget
@@ -257,18 +267,25 @@ class RoundEngine:
         cfg = self.cfg
         t_start = time.perf_counter()
         specs = plan.specs
-        accepted, rejected = screen_updates(outcome.updates, self.fed.shapes, specs, ValidationConfig(norm_factor=cfg.failures.norm_factor))
+        # under clipping, the bound replaces the norm screen (which would let clients decide each other's fate)
+        norm_factor = None if cfg.privacy.clips else cfg.failures.norm_factor
+        accepted, rejected = screen_updates(outcome.updates, self.fed.shapes, specs, ValidationConfig(norm_factor=norm_factor))
         dropped = {**outcome.dropped, **rejected}
         entries = outcome.entries
         for e in entries:
             if str(e["id"]) in rejected:
                 e["status"] = ClientStatus.REJECTED
         rec = RoundRecord(plan.round, entries, dropped, outcome.bytes_up, plan.bytes_down, timings={"train": outcome.train_seconds, "aggregate": 0.0})
+        rec.privacy = self.privacy_spent(plan.round)
         if len(accepted) < max(1, cfg.federation.min_clients):
             rec.skipped = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             return rec, state
         accepted = self._after_local_training(accepted, specs, entries)
-        new_state = self.method.aggregate(accepted, round=plan.round)
+        if cfg.privacy.clips:
+            accepted, new_state, dp_record = self._aggregate_private(plan, accepted)
+            rec.privacy = {**dp_record, **(rec.privacy or {})}
+        else:
+            new_state = self.method.aggregate(accepted, round=plan.round)
         t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
             for name, gm in new_state.base_delta.items():
@@ -283,6 +300,27 @@ class RoundEngine:
         rec.tokens = sum(e.get("tokens", 0) for e in ok)
         rec.timings = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
         return rec, new_state
+
+    def privacy_spent(self, rnd: int) -> dict[str, Any] | None:
+        """epsilon at delta after ``rnd`` rounds (every round counts, also one with no valid update)."""
+        pv = self.cfg.privacy
+        if not pv.noisy:
+            return None
+        n = len(self.fed.train_clients)
+        m = clients_per_round(self.cfg.federation, n)
+        eps = epsilon(pv.noise_multiplier, rnd, pv.delta, pv.sampling, n, m)
+        return {"epsilon": eps, "delta": pv.delta, "sampling": pv.sampling}
+
+    def _aggregate_private(self, plan: RoundPlan, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], ServerState, dict[str, Any]]:
+        """Clip, weigh 1/m, noise (flexlora.privacy); returns the clipped updates for the diagnostics."""
+        pv = self.cfg.privacy
+        m = clients_per_round(self.cfg.federation, len(self.fed.train_clients))
+        mech = Mechanism(clip_norm=pv.clip_norm, noise_multiplier=pv.noise_multiplier, denominator=m)
+        generator = noise_generator(derived_seed(self.cfg.federation.seed, "dp-noise", plan.round)) if pv.noisy else None
+        served = {p.cid: p.share for p in plan.clients}
+        private = privatize(updates, self.method, mech, served, self.fed.shapes, generator, self.server_dtype)
+        state = aggregate_private(self.method, private, plan.round, mech, generator)
+        return private.updates, state, private.record
 
     def _after_local_training(self, updates: list[ClientUpdate], specs: dict[str, dict[str, ModuleSpec]], entries: list[dict[str, Any]]) -> list[ClientUpdate]:
         """The method's client-side step after training (HetLoRA: rank self-pruning). It depends only on a

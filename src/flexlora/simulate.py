@@ -306,6 +306,15 @@ class Simulation(SparseWarmup):
         """Put the original base weights back (the model may serve another run next)."""
         apply_dense_delta(self.model, {}, self.originals)
 
+    def _privacy_summary(self, rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+        pv = self.cfg.privacy
+        if not pv.clips:
+            return None
+        spent = self.engine.privacy_spent(self.cfg.federation.rounds) or {}
+        clipped = sum(h.get("privacy", {}).get("clipped", 0) for h in rounds)
+        seen = sum(h.get("privacy", {}).get("of", 0) for h in rounds)
+        return {"clip_norm": pv.clip_norm, "noise_multiplier": pv.noise_multiplier, "clipped_updates": clipped, "updates": seen, **spent}
+
     def finish(self, state: ServerState, history: list[dict[str, Any]]) -> dict[str, Any]:
         final = self.out / "final"
         with atomic_directory(final) as staging:  # whole and new: never mixed with an older run's adapters
@@ -335,6 +344,7 @@ class Simulation(SparseWarmup):
             "dropped_updates": sum(len(h.get("dropped", {})) for h in rounds),
             "skipped_rounds": [h["round"] for h in rounds if "skipped" in h],
             "final_adapters": str(final),
+            "privacy": self._privacy_summary(rounds),
         }
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         return summary

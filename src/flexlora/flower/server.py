@@ -116,6 +116,10 @@ class FlowerServer:
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.profiles: dict[int, NodeProfile] = {}  # client id -> profile
         self.min_clients = settings.min_clients or max(1, cfg.federation.min_clients)
+        if cfg.privacy.noisy and self.min_clients > 1:
+            from flexlora.config import ConfigError
+
+            raise ConfigError("min-clients must be 1 under DP (waiting for more replies would reveal how many clients came)")
         self.failed_round = 0
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -203,7 +207,7 @@ class FlowerServer:
         failed: list[dict[str, Any]] = []
         for attempt in range(1, s.round_retries + 2):
             a = self._attempt(rnd, state)
-            if a.replied >= self.min_clients:
+            if a.replied >= self.min_clients or not a.plan.clients:  # Poisson sampling (DP) may pick nobody
                 break
             lost = {cid: reasons[0] for cid, reasons in a.outcome.dropped.items()}
             LOG.warning("flexlora: round %d attempt %d: %d node(s) replied, fewer than min-clients=%d (%s)", rnd, attempt, a.replied, self.min_clients, lost)

@@ -54,6 +54,12 @@ class AggregationMethod(ABC):
     client_options: ClassVar[tuple[str, ...]] = ()
     merges_into_base: ClassVar[bool] = False  # its state carries base_delta: every client merges it into its base weights
     restarts_adapter: ClassVar[bool] = False  # every client restarts LoRA from a fresh init each round (FLoRA, FLoRIST)
+    # Central DP (flexlora.privacy): "sum" when the state is computed from the exact weighted sum alone
+    # (``aggregate(..., noise=...)`` adds a dense term to it), "factors" when the averaged factors are the
+    # release (noise goes on them), None when neither holds (``dp_note`` says why).
+    dp_release: ClassVar[str | None] = None
+    dp_note: ClassVar[str] = "its aggregate is not a function of one noised sum or of averaged factors"
+    dp_noised_factors: ClassVar[tuple[str, ...]] = ("B", "A")  # for "factors": the factors that carry client data
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype  # the dtype the server computes in
@@ -106,6 +112,18 @@ class AggregationMethod(ABC):
             for name, (d_out, d_in) in shapes.items()
         }
         return ServerState(method=self.name, round=round, adapter=empty, info={"seed": self.seed})
+
+    def add_factor_noise(self, state: ServerState, std: float, generator: torch.Generator) -> ServerState:
+        """DP for a "factors" method: Gaussian noise of ``std`` on every entry of the released factors
+        (``B`` holds the effective ``s * B``). Noise is drawn on the CPU so it does not depend on the device."""
+        for name in sorted(state.adapter):
+            gm = state.adapter[name]
+            noisy = {f: getattr(gm, f) for f in ("A", "B")}
+            for f in self.dp_noised_factors:
+                t = noisy[f]
+                noisy[f] = t + std * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype)
+            state.adapter[name] = GlobalModule(A=noisy["A"], B=noisy["B"], spectrum=gm.spectrum)
+        return state
 
     # -- the client side -----------------------------------------------------------------------------
     def local_training(self, train: Any) -> Any:

@@ -21,6 +21,7 @@ class FedAvg(AggregationMethod):
     name = "fedavg"
     paper = "Zhang et al., FedIT, ICASSP 2024 (arXiv:2305.05644)"
     supports_heterogeneous_ranks = False
+    dp_release = "factors"  # the averaged A and B are what the server releases
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)

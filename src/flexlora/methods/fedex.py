@@ -27,6 +27,8 @@ class FedExLoRA(FedAvg):
     name = "fedex"
     paper = "Singhal et al., ACL 2025 (arXiv:2410.09432)"
     exact_aggregate = True  # adapter + residual = sum p_k s_k B_k A_k
+    dp_release = None  # the residual needs the un-noised individual products
+    dp_note = "its residual is computed from every client's own product, which noise on the averaged factors does not cover"
     merges_into_base = True  # the residual; the averaged adapter is kept (LoRA is not restarted)
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:

@@ -24,6 +24,8 @@ class FFALoRA(AggregationMethod):
     paper = "Sun et al., ICLR 2024 (arXiv:2403.12313)"
     supports_heterogeneous_ranks = False
     exact_aggregate = True  # one shared A: mean(B) A == mean(B A)
+    dp_release = "factors"
+    dp_noised_factors = ("B",)  # A is the shared, data-independent init
 
     def local_training(self, train):
         """FFA-LoRA is defined by a frozen ``lora_A``: clients train B only."""

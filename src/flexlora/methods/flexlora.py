@@ -13,7 +13,7 @@ stacked rank is below the layer width (see :mod:`flexlora.lowrank`).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from flexlora.update import ClientUpdate, GlobalModule, ServerState
 class FlexLoRA(AggregationMethod):
     name = "flexlora"
     paper = "Bai et al., NeurIPS 2024 (arXiv:2402.11505)"
+    dp_release = "sum"  # the SVD only post-processes the (noised) weighted sum
 
     def __init__(
         self,
@@ -50,13 +51,16 @@ class FlexLoRA(AggregationMethod):
     def exact_aggregate(self) -> bool:
         return self.keep_rank is None
 
-    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0, noise: Mapping[str, torch.Tensor] | None = None
+    ) -> ServerState:
         updates, p = self._prepare(updates, weights)
         adapter: dict[str, GlobalModule] = {}
         paths: dict[str, str] = {}
         for name in updates[0].modules:
             Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
-            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank)
+            dense = None if noise is None else noise[name]
+            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank, dense=dense)
             k = svd.U.shape[1]
             U, S, Vh = svd.U, svd.S[:k], svd.Vh
             if self.singular_values == "B":

@@ -12,7 +12,9 @@ is empty (every share is a fresh init). Download size grows with the number of c
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import torch
 
 from flexlora.lowrank import stack_factors
 from flexlora.methods.base import AggregationMethod, modules_on_cpu, scaled_factors
@@ -26,13 +28,22 @@ class FLoRA(AggregationMethod):
     exact_aggregate = True
     merges_into_base = True
     restarts_adapter = True
+    dp_release = "sum"  # the stack is the weighted sum; DP noise joins it as one more full-rank term
 
-    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0, noise: Mapping[str, torch.Tensor] | None = None
+    ) -> ServerState:
         updates, p = self._prepare(updates, weights)
         stacked: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
             Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
-            B, A = stack_factors(Bs, As, p, self.dtype)
+            coeffs = list(p)
+            if noise is not None:  # N = N @ I (or I @ N): the smaller identity keeps the stack small
+                N = noise[name].to(self.device, self.dtype)
+                eye = torch.eye(min(N.shape), dtype=self.dtype, device=self.device)
+                extra_B, extra_A = (N, eye) if N.shape[0] >= N.shape[1] else (eye, N)
+                Bs, As, coeffs = (*Bs, extra_B), (*As, extra_A), [*coeffs, 1.0]
+            B, A = stack_factors(Bs, As, coeffs, self.dtype)
             stacked[name] = GlobalModule(A=A, B=B)
         shapes = {name: (gm.d_out, gm.d_in) for name, gm in stacked.items()}
         state = self.initial_state(shapes, round=round)  # fresh LoRA for everybody next round

@@ -15,7 +15,7 @@ at its own rank).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ class FLoRIST(AggregationMethod):
     paper = "Ramesh et al., MLSys 2026 (arXiv:2506.09199)"
     merges_into_base = True
     restarts_adapter = True
+    dp_release = "sum"  # the stacked SVD and the energy threshold only post-process the (noised) sum
 
     def __init__(self, threshold: float = 0.9, svd_path: SvdPath = "auto", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=dtype, seed=seed, device=device)
@@ -41,13 +42,15 @@ class FLoRIST(AggregationMethod):
     def exact_aggregate(self) -> bool:
         return False  # truncated on purpose (even at threshold 1, rounding decides the last directions)
 
-    def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0, noise: Mapping[str, torch.Tensor] | None = None
+    ) -> ServerState:
         updates, p = self._prepare(updates, weights)
         kept: dict[str, GlobalModule] = {}
         ranks: dict[str, int] = {}
         for name in updates[0].modules:
             Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
-            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype)
+            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, dense=None if noise is None else noise[name])
             k = energy_rank(svd.S, self.threshold)
             kept[name] = GlobalModule(A=svd.Vh[:k].contiguous(), B=(svd.U[:, :k] * svd.S[:k]).contiguous(), spectrum=svd.S)
             ranks[name] = k

@@ -21,6 +21,7 @@ from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 class RankPartition(AggregationMethod):
     name = "rank_partition"
+    dp_note = "each column is divided by the number of clients that have it, so one client changes another's weight"
     paper = "RB-LoRA / raFLoRA rank-partition reweighting (2025-26)"
 
     def __init__(self, redistribute: Literal["truncate", "svd"] = "truncate", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:

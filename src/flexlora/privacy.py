@@ -26,6 +26,7 @@ sampler (``torch.randn`` is not a cryptographically secure generator).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
@@ -165,7 +166,15 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sampling: str, p
     else:
         raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return float(accountant.get_epsilon(delta))
+    # orders whose series does not converge are left out by the library (the bound stays valid); it
+    # says so on absl's logger once per order, which would flood every round's output
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl_log.setLevel(level)
 
 
 def noise_generator(seed: int) -> torch.Generator:

@@ -165,13 +165,13 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, sampling: str, p
         event = dp_accounting.SampledWithoutReplacementDpEvent(population, per_round, dp_accounting.GaussianDpEvent(noise_multiplier / 2))
     else:
         raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     # orders whose series does not converge are left out by the library (the bound stays valid); it
     # says so on absl's logger once per order, which would flood every round's output
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
     try:
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
         return float(accountant.get_epsilon(delta))
     finally:
         absl_log.setLevel(level)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flexlora.config import ConfigError, load_config, validate
 from flexlora.methods import get_method
-from flexlora.privacy import Mechanism, aggregate_private, effective_update_norm, epsilon, factor_change_norm, privatize
+from flexlora.privacy import Mechanism, aggregate_private, effective_change_norm, effective_update_norm, epsilon, factor_change_norm, privatize
 from flexlora.rounds import sample_clients
 from flexlora.update import ClientUpdate, LoraFactors
 
@@ -44,48 +44,106 @@ def zero_served(updates):
     return {u.client_id: {n: LoraFactors(A=f.A.clone(), B=torch.zeros_like(f.B), scale=f.scale) for n, f in u.modules.items()} for u in updates}
 
 
+def data_weights(updates):
+    n = sum(u.num_examples for u in updates)
+    return [u.num_examples / n for u in updates]
+
+
+def dense_state(state, name):
+    gm = state.adapter[name]
+    return gm.B.double() @ gm.A.double()
+
+
 @SETTINGS
 @given(federations(max_dim=12), st.floats(0.01, 50.0))
-def test_every_clipped_update_is_within_the_bound_factored_norm_equals_dense(fed, clip):
+def test_every_client_is_clipped_to_the_bound_factored_norm_equals_dense(fed, clip):
     updates, shapes = fed
     method = get_method("flexlora", dtype=F64)
-    private = privatize(updates, method, Mechanism(clip, 0.0, len(updates)), zero_served(updates), shapes, None, F64)
-    for before, after in zip(updates, private.updates):
-        assert effective_update_norm(before) == pytest.approx(dense_norm(before), rel=1e-9, abs=1e-12)
-        assert dense_norm(after) <= clip * (1 + 1e-9)
-        assert dense_norm(after) == pytest.approx(min(dense_norm(before), clip), rel=1e-9)  # scaled, not distorted
-        for n in shapes:  # the direction is kept
-            cos = torch.nn.functional.cosine_similarity(dense_update(before, n).flatten(), dense_update(after, n).flatten(), dim=0)
-            assert float(cos) == pytest.approx(1.0, abs=1e-9) or float(torch.linalg.matrix_norm(dense_update(before, n))) == 0
+    served = zero_served(updates)
+    mech = Mechanism(clip, 0.0, len(updates))
+    private = privatize(updates, method, mech, served, None, shapes, None, F64)
+    state = aggregate_private(method, private, 1, mech, None)
+    factors = []
+    for u in updates:
+        assert effective_update_norm(u) == pytest.approx(dense_norm(u), rel=1e-9, abs=1e-12)
+        assert effective_change_norm(u, served[u.client_id]) == pytest.approx(dense_norm(u), rel=1e-9, abs=1e-12)
+        factors.append(min(1.0, clip / dense_norm(u)) if dense_norm(u) > 0 else 1.0)
+        assert factors[-1] * dense_norm(u) <= clip * (1 + 1e-12)
+    assert private.record["clipped"] == sum(f < 1 for f in factors)
+    for n in shapes:  # clipping alone keeps the data-size weights: sum_k p_k c_k U_k
+        ref = sum(w * c * dense_update(u, n) for w, c, u in zip(data_weights(updates), factors, updates))
+        assert torch.allclose(dense_state(state, n), ref, atol=1e-9 * (1 + float(ref.abs().max())))
+
+
+@SETTINGS
+@given(federations(max_dim=10, max_clients=4), st.floats(0.05, 20.0), st.integers(0, 2**31 - 1))
+def test_under_dp_the_global_moves_by_the_clipped_changes_from_each_share(fed, clip, seed):
+    """Round 2 of FlexLoRA under DP: previous global + sum_k c_k (U_k - S_k) / m + noise, S_k the client's served share."""
+    updates0, shapes = fed
+    method = get_method("flexlora", dtype=F64)
+    previous = method.aggregate(updates0, round=1)
+    g = torch.Generator().manual_seed(seed)
+    served, updates = {}, []
+    for u in updates0:
+        share = method.share_for(previous, u.spec())
+        served[u.client_id] = share
+        mods = {n: LoraFactors(A=f.A + 0.1 * torch.randn(f.A.shape, generator=g, dtype=F64), B=f.B + 0.1 * torch.randn(f.B.shape, generator=g, dtype=F64), scale=f.scale) for n, f in share.items()}
+        updates.append(ClientUpdate(u.client_id, u.num_examples, mods))
+    m = len(updates) + 2
+    mech = Mechanism(clip, 0.7, m)
+    private = privatize(updates, method, mech, served, previous.adapter, shapes, torch.Generator().manual_seed(seed), F64)
+    state = aggregate_private(method, private, 2, mech, None)
+    for n in shapes:
+        changes = []
+        for u in updates:
+            S = served[u.client_id]
+            change = {k: dense_update(u, k) - S[k].scale * S[k].B @ S[k].A for k in shapes}
+            norm = math.sqrt(sum(float(torch.linalg.matrix_norm(c)) ** 2 for c in change.values()))
+            changes.append(min(1.0, clip / norm) * change[n] if norm > 0 else change[n])
+        ref = dense_state(previous, n) + sum(changes) / m + private.noise[n]
+        assert torch.allclose(dense_state(state, n), ref, atol=1e-8 * (1 + float(ref.abs().max())))
 
 
 @SETTINGS
 @given(federations(max_dim=12, same_rank=True), st.floats(0.01, 5.0))
 def test_factor_methods_clip_the_change_from_the_served_share(fed, clip):
     updates, shapes = fed
-    served = zero_served(updates)
-    private = privatize(updates, get_method("fedavg", dtype=F64), Mechanism(clip, 0.0, len(updates)), served, shapes, None, F64)
-    for before, after in zip(updates, private.updates):
-        assert factor_change_norm(after, served[after.client_id]) <= clip * (1 + 1e-9)
-        assert factor_change_norm(after, served[after.client_id]) == pytest.approx(min(factor_change_norm(before, served[before.client_id]), clip), rel=1e-9)
+    first = zero_served(updates)[updates[0].client_id]  # FedAvg serves everybody the same share
+    served = {u.client_id: first for u in updates}
+    method = get_method("fedavg", dtype=F64)
+    mech = Mechanism(clip, 0.0, len(updates))
+    state = aggregate_private(method, privatize(updates, method, mech, served, None, shapes, None, F64), 1, mech, None)
+    for n in shapes:  # served + sum_k p_k c_k (factors_k - served), with c_k from the joint factor-change norm
+        cs = [min(1.0, clip / factor_change_norm(u, served[u.client_id])) if factor_change_norm(u, served[u.client_id]) > 0 else 1.0 for u in updates]
+        ref_B = sum(w * c * u.modules[n].scale * u.modules[n].B for w, c, u in zip(data_weights(updates), cs, updates))
+        ref_A = served[updates[0].client_id][n].A + sum(w * c * (u.modules[n].A - served[u.client_id][n].A) for w, c, u in zip(data_weights(updates), cs, updates))
+        assert torch.allclose(state.adapter[n].B, ref_B, atol=1e-9) and torch.allclose(state.adapter[n].A, ref_A, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["flexlora", "flora", "florist", "fedavg", "ffa"])
-def test_no_noise_and_no_clipping_leaves_the_aggregate_bit_for_bit(method):
-    shapes = {"m.q_proj": (9, 7), "m.down_proj": (5, 11)}
-    homogeneous = method in ("fedavg", "ffa")
-    updates = make_updates(shapes, (3, 3, 3) if homogeneous else (1, 3, 6), shared_A=method == "ffa")
-    m = get_method(method)
-    plain = m.aggregate(updates, round=1)
-    for clip in (0.0, 1e12):  # off, and a bound nobody reaches
-        private = privatize(updates, m, Mechanism(clip, 0.0, len(updates)), zero_served(updates), shapes, None)
-        assert all(a is b for a, b in zip(private.updates, updates))
-        state = aggregate_private(m, private, 1, Mechanism(clip, 0.0, len(updates)), None)
-        for field in ("adapter", "base_delta"):
-            x, y = getattr(plain, field), getattr(state, field)
-            assert (x is None) == (y is None)
-            for n in x or {}:
-                assert torch.equal(x[n].A, y[n].A) and torch.equal(x[n].B, y[n].B)
+def test_privacy_off_leaves_the_run_bit_for_bit(tmp_path):
+    """clip_norm = 0 and noise_multiplier = 0 (the defaults) take the plain path: same metrics, same adapters."""
+    from pathlib import Path
+
+    from flexlora.cli import main
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+    outs = []
+    for i, extra in enumerate(([], ["--set", "privacy.clip_norm=0", "--set", "privacy.noise_multiplier=0"])):
+        out = tmp_path / f"run{i}"
+        assert main(["run", "--config", smoke, "--out", str(out), "--quiet", "--set", "federation.rounds=1", "--set", "eval.at_start=false", *extra]) == 0
+        outs.append(out)
+    def strip(rec):  # everything but wall-clock figures
+        if isinstance(rec, dict):
+            return {k: strip(v) for k, v in rec.items() if k != "timings" and "seconds" not in k and "per_second" not in k}
+        return [strip(v) for v in rec] if isinstance(rec, list) else rec
+
+    a, b = ([strip(json.loads(line)) for line in (o / "metrics.jsonl").read_text().splitlines()] for o in outs)
+    assert a == b and all("privacy" not in r for r in a)
+    from safetensors.torch import load_file
+
+    for sub in sorted(p.name for p in (outs[0] / "final").iterdir()):
+        x, y = (load_file(str(o / "final" / sub / "adapter_model.safetensors")) for o in outs)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_the_noise_has_the_configured_std_and_flexlora_serves_the_svd_of_the_noised_sum():
@@ -93,7 +151,7 @@ def test_the_noise_has_the_configured_std_and_flexlora_serves_the_svd_of_the_noi
     updates = make_updates(shapes, (2, 4, 8), seed=1)
     mech = Mechanism(clip_norm=3.0, noise_multiplier=1.3, denominator=5)
     method = get_method("flexlora", dtype=F64)
-    private = privatize(updates, method, mech, zero_served(updates), shapes, torch.Generator().manual_seed(7), F64)
+    private = privatize(updates, method, mech, zero_served(updates), None, shapes, torch.Generator().manual_seed(7), F64)
     noise = torch.cat([private.noise[n].flatten() for n in shapes])
     # 120k draws: the sample std is within 1% of the configured one with overwhelming probability
     assert float(noise.std()) == pytest.approx(mech.noise_std, rel=0.01)
@@ -113,7 +171,7 @@ def test_factor_noise_goes_on_the_released_factors_only():
     mech = Mechanism(clip_norm=1.0, noise_multiplier=2.0, denominator=len(updates))
     for method, noised in (("fedavg", {"A", "B"}), ("ffa", {"B"})):
         m = get_method(method, dtype=F64)
-        private = privatize(updates, m, mech, zero_served(updates), shapes, torch.Generator().manual_seed(3), F64)
+        private = privatize(updates, m, mech, zero_served(updates), None, shapes, torch.Generator().manual_seed(3), F64)
         clean = m.aggregate(private.updates, weights=private.weights, round=1)
         noisy = aggregate_private(m, private, 1, mech, torch.Generator().manual_seed(3))
         for n in shapes:

@@ -281,8 +281,9 @@ class RoundEngine:
             rec.skipped = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             return rec, state
         accepted = self._after_local_training(accepted, specs, entries)
+        terms = accepted  # what the state is the weighted sum of (under DP: the clipped changes and the previous update)
         if cfg.privacy.clips:
-            accepted, new_state, dp_record = self._aggregate_private(plan, accepted)
+            terms, new_state, dp_record = self._aggregate_private(plan, state, accepted)
             rec.privacy = {**dp_record, **(rec.privacy or {})}
         else:
             new_state = self.method.aggregate(accepted, round=plan.round)
@@ -291,9 +292,9 @@ class RoundEngine:
             for name, gm in new_state.base_delta.items():
                 d = gm.delta(self.server_dtype)
                 self.merged[name] = self.merged[name] + d if name in self.merged else d
-        weights = [new_state.weights[u.client_id] for u in accepted]
+        weights = [new_state.weights[u.client_id] for u in terms]
         share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
-        report = aggregation_report(new_state, accepted, weights, share_ranks, exact=self.method.exact_aggregate)
+        report = aggregation_report(new_state, terms, weights, share_ranks, exact=self.method.exact_aggregate)
         rec.aggregation = {**summarise(report), "per_layer_type": per_layer_type(report)}
         ok = [e for e in entries if e.get("status") == ClientStatus.OK]
         rec.train_loss = mean([e["loss_mean"] for e in ok])
@@ -311,14 +312,15 @@ class RoundEngine:
         eps = epsilon(pv.noise_multiplier, rnd, pv.delta, pv.sampling, n, m)
         return {"epsilon": eps, "delta": pv.delta, "sampling": pv.sampling}
 
-    def _aggregate_private(self, plan: RoundPlan, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], ServerState, dict[str, Any]]:
-        """Clip, weigh 1/m, noise (flexlora.privacy); returns the clipped updates for the diagnostics."""
+    def _aggregate_private(self, plan: RoundPlan, state: ServerState, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], ServerState, dict[str, Any]]:
+        """Clip, weigh 1/m, noise (flexlora.privacy); returns the terms of the sum for the diagnostics."""
         pv = self.cfg.privacy
         m = clients_per_round(self.cfg.federation, len(self.fed.train_clients))
         mech = Mechanism(clip_norm=pv.clip_norm, noise_multiplier=pv.noise_multiplier, denominator=m)
         generator = noise_generator(derived_seed(self.cfg.federation.seed, "dp-noise", plan.round)) if pv.noisy else None
         served = {p.cid: p.share for p in plan.clients}
-        private = privatize(updates, self.method, mech, served, self.fed.shapes, generator, self.server_dtype)
+        previous = None if self.method.restarts_adapter else state.adapter  # a restarting method merged it into the base
+        private = privatize(updates, self.method, mech, served, previous, self.fed.shapes, generator, self.server_dtype)
         state = aggregate_private(self.method, private, plan.round, mech, generator)
         return private.updates, state, private.record
 

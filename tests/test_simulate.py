@@ -109,6 +109,26 @@ def test_resume_after_interruption_equals_uninterrupted_run(reference_run, tmp_p
     _adapters_equal(out, reference_run)
 
 
+def test_a_checkpoint_between_rounds_keeps_only_what_clients_can_be_served(reference_run):
+    """Round 1's checkpoint holds, per module, the triplets up to the largest rank a client has (never more
+    numbers than the dense update); the last round's holds the whole state that final/ was written from."""
+    from flexlora.checkpoint import PREVIOUS, _read
+
+    cfg = load_config(SMOKE)
+    largest = max(max(t.values()) for t in cfg.resources.types.values())
+    between, last = _read(reference_run / PREVIOUS), _read(reference_run / "checkpoint.pt")
+    assert between["round"] == 1 and last["round"] == 2
+    cut = 0
+    for name, m in between["state"]["adapter"].items():
+        d_out, d_in = m["B"].shape[0], m["A"].shape[1]
+        assert m["A"].shape[0] <= min(largest, d_out, d_in)
+        assert m["A"].numel() + m["B"].numel() <= d_out * d_in
+        assert m["spectrum"].numel() == min(d_out, d_in, m["spectrum"].numel())  # the whole spectrum stays
+        cut += m["spectrum"].numel() > m["A"].shape[0]
+    assert cut > 0  # the smoke federation's stacked rank exceeds its largest client rank somewhere
+    assert all(m["A"].shape[0] == m["spectrum"].numel() for m in last["state"]["adapter"].values())  # whole
+
+
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
     import shutil
 

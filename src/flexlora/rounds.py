@@ -26,7 +26,7 @@ from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.methods import AggregationMethod
 from flexlora.privacy import Mechanism, aggregate_private, epsilon, noise_generator, privatize
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
-from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
+from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
 from flexlora.validate import ValidationConfig, screen_updates
 
 if TYPE_CHECKING:
@@ -301,6 +301,44 @@ class RoundEngine:
         rec.tokens = sum(e.get("tokens", 0) for e in ok)
         rec.timings = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
         return rec, new_state
+
+    # -- what a checkpoint must keep ------------------------------------------------------------------
+    def servable_ranks(self) -> dict[str, int]:
+        """Per module, the largest rank any client of this federation can be served."""
+        shapes = self.fed.shapes
+        if self.cfg.resources.mode == "types":
+            ranks = {n: 0 for n in shapes}
+            for spec in self.fed.specs.values():
+                for n, s in spec.items():
+                    ranks[n] = max(ranks[n], s.rank)
+            return ranks
+        top = max(self.cfg.resources.budget_ranks)
+        return {n: min(top, min(shape)) for n, shape in shapes.items()}
+
+    def checkpoint_state(self, state: ServerState, last_round: bool) -> ServerState:
+        """The state a checkpoint between rounds needs: the triplets some client can be served.
+
+        Resuming needs the state only to hand out shares (the round's evaluation is done before its
+        checkpoint), and a share of rank r reads the first r columns, so the rest is not stored: a
+        FlexLoRA state (full rank: (d_out + d_in) min(d_out, d_in) numbers, more than the dense
+        update) shrinks to (d_out + d_in) r_max. Kept whole: the last round's (``final/`` is written
+        from it), under [privacy] (the next update is added to the whole previous one), and for
+        a method that reads its state another way (its own ``share_for``)."""
+        own_share = type(self.method).share_for is not AggregationMethod.share_for
+        if last_round or self.cfg.privacy.clips or own_share:
+            return state
+        caps = self.servable_ranks()
+        adapter, cut = {}, {}
+        for name, gm in state.adapter.items():
+            k = caps.get(name, gm.rank)
+            if gm.rank > k > 0:  # clone: torch.save of a view would store the whole tensor
+                adapter[name] = GlobalModule(A=gm.A[:k].clone(), B=gm.B[:, :k].clone(), spectrum=gm.spectrum)
+                cut[name] = k
+            else:
+                adapter[name] = gm
+        if not cut:
+            return state
+        return replace(state, adapter=adapter, info={**state.info, "stored_ranks": "servable"})
 
     def privacy_spent(self, rnd: int) -> dict[str, Any] | None:
         """epsilon at delta after ``rnd`` rounds (every round counts, also one with no valid update)."""

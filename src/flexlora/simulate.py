@@ -193,7 +193,7 @@ class Simulation(SparseWarmup):
                         "round": rnd,
                         "fingerprint": fingerprint,
                         "config": cfg.to_dict(),
-                        "state": state_to_dict(state),
+                        "state": state_to_dict(self.engine.checkpoint_state(state, last_round=rnd == cfg.federation.rounds)),
                         "merged": self.merged,
                         "client_state": self.client_state,
                         "record": rec,

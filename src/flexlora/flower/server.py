@@ -335,6 +335,8 @@ class FlowerServer:
             state, sim.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
         summary = sim.finish(state, read_metrics(self.out / METRICS, upto=last))
         summary.update(self._flower_summary(), status="stopped", error=reason, last_good_round=last)
+        if state.info.get("stored_ranks") == "servable":  # a checkpoint between rounds keeps what clients can be served
+            summary["final_adapters_note"] = "the top singular triplets up to the largest rank any node is served (the checkpoint of a round before the last)"
         _write_json(self.out / SUMMARY, summary)
 
 

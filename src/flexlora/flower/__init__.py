@@ -45,3 +45,12 @@ __all__ = [
     "NodeProfile", "NodeRuntime", "arrays_to_factors", "arrays_to_tensors", "config_from_json", "config_to_json", "config_to_spec",
     "factors_to_arrays", "handle_query", "handle_train", "message_nbytes", "node_profile", "server_main", "spec_to_config",
 ]
+
+
+def __getattr__(name: str):
+    """The Strategy subclasses Flower's, so it (and flwr) is imported only when asked for."""
+    if name in ("FlexLoRAStrategy", "StrategyConfig"):
+        from flexlora.flower import strategy
+
+        return getattr(strategy, name)
+    raise AttributeError(f"module 'flexlora.flower' has no attribute {name!r}")

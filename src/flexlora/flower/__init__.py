@@ -1,5 +1,6 @@
-"""The Flower deployment layer: payloads (:mod:`.payloads`), the node's handlers (:mod:`.node`) and
-the server's run (:mod:`.server`).
+"""The Flower deployment layer: payloads (:mod:`.payloads`), the node's handlers (:mod:`.node`),
+the server's run (:mod:`.server`), and :mod:`.strategy`, a Flower ``Strategy`` (FlexLoRAStrategy)
+for other people's Flower apps, whose clients send PEFT LoRA state dicts at their own ranks.
 
 The Flower App in ``flower_app/`` is a thin shell over this module, and this module is a thin
 layer over the same core as the in-process simulator: the server side builds a

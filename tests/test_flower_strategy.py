@@ -234,7 +234,19 @@ def test_bfloat16_bits_travel_as_int16_and_come_back_exactly():
     assert torch.equal(arrays_to_tensors(rec, "bfloat16")["x"], t)
 
 
+def test_a_lost_reply_is_recorded_and_the_query_is_sent_once():
+    replies = {1: fixed(peft_state(lora(4), 1), None, 10), 2: fixed(peft_state(lora(4), 2), None, 10)}
+    nodes = Nodes(replies, answers_query=False)
+    strategy = FlexLoRAStrategy("flexlora", lora_config=DECLARED)
+    grid = LocalGrid(nodes, {n: {} for n in replies}, fault=lambda node, msg: "timeout" if node == 2 and msg.metadata.message_type == "train" else None)
+    strategy.start(grid, ArrayRecord(peft_state(lora(4), None)), num_rounds=2, timeout=5)
+    for rec in strategy.history:
+        assert rec["accepted"] == ["1"] and rec["dropped"] == {"2": ["no reply within the round's timeout"]}
+    assert [e["type"] for e in grid.log].count("query") == 2  # once per node, not every round
+
+
 @pytest.mark.parametrize("kwargs,msg", [
+    ({"min_good_reply": 2}, "unknown FlexLoRAStrategy setting 'min_good_reply'"),
     ({"method": "flora"}, "merges its update into the clients' base weights"),
     ({"method": "nope"}, "unknown aggregation method"),
     ({"transport": "int8"}, "unknown transport dtype"),
@@ -256,8 +268,10 @@ def test_adapter_evaluate_fn_hands_over_a_peft_adapter_folder(tmp_path):
         seen[rnd] = float(sum(p.abs().sum() for n, p in model.named_parameters() if "lora_B" in n))
         return MetricRecord({"lora_b_abs": seen[rnd]})
 
-    strategy = FlexLoRAStrategy("flexlora", lora_config=DECLARED)
+    strategy = FlexLoRAStrategy("flexlora", lora_config=DECLARED, fraction_evaluate=1.0)
     grid = LocalGrid(Nodes(HETERO), {n: {} for n in HETERO})
     result = strategy.start(grid, ArrayRecord(peft_state(lora(4), None)), num_rounds=1, evaluate_fn=strategy.adapter_evaluate_fn(evaluate, tmp_path / "eval"))
     assert seen[0] == 0.0 and seen[1] > 0 and not math.isnan(seen[1])
     assert result.evaluate_metrics_serverapp[1]["lora_b_abs"] == seen[1]
+    # federated evaluation: every node got its own-rank share, metrics weighted by num-examples
+    assert result.evaluate_metrics_clientapp[1]["num-examples"] == 100 and result.evaluate_metrics_clientapp[1]["train_loss"] == 1.0

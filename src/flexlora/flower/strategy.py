@@ -140,6 +140,9 @@ class FlexLoRAStrategy(Strategy):
     """
 
     def __init__(self, method: str = "flexlora", lora_config: Any = None, **settings: Any) -> None:
+        unknown = sorted(set(settings) - set(StrategyConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown FlexLoRAStrategy setting {unknown[0]!r} (known: {', '.join(sorted(StrategyConfig.__dataclass_fields__))})")
         self.config = StrategyConfig(method=method, **settings)
         self.config.check()
         self.method = _build_method(self.config)
@@ -148,6 +151,7 @@ class FlexLoRAStrategy(Strategy):
         self.shapes: dict[str, tuple[int, int]] = {}
         self.default_spec: dict[str, ModuleSpec] = {}
         self.node_specs: dict[int, dict[str, ModuleSpec]] = {}  # what each node trains at, from its replies or its query answer
+        self.asked: set[int] = set()  # nodes already sent the query (asked once)
         self.history: list[dict[str, Any]] = []
         self.bytes_total = 0
         self._open: dict[str, Any] | None = None  # the record of the round in progress
@@ -188,7 +192,7 @@ class FlexLoRAStrategy(Strategy):
         if self.config.fraction_train == 0.0:
             return []
         nodes = _sample(grid, self.config.fraction_train, self.config.min_train_nodes, self.config.min_available_nodes)
-        self._learn_ranks(grid, [n for n in nodes if n not in self.node_specs], rec)
+        self._learn_ranks(grid, [n for n in nodes if n not in self.node_specs and n not in self.asked], rec)
         return [self._share_message(n, server_round, config, MessageType.TRAIN, rec) for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -197,8 +201,10 @@ class FlexLoRAStrategy(Strategy):
         rec = self._begin(server_round)
         parsed: dict[str, ParsedReply] = {}
         dropped: dict[str, list[str]] = {}
+        replied: set[str] = set()
         for msg in replies:
             node = int(msg.metadata.src_node_id)
+            replied.add(str(node))
             entry = self._count(rec, node, "up", message_nbytes(msg))
             if msg.has_error():
                 dropped[str(node)] = [f"node error: {str(msg.error.reason).strip().splitlines()[0] if msg.error.reason else msg.error.code}"]
@@ -211,6 +217,9 @@ class FlexLoRAStrategy(Strategy):
             entry["payload_up"] = p.payload_bytes
             entry["ranks_up"] = rank_summary(p.spec)
             parsed[str(node)] = p
+        for node, e in rec["nodes"].items():
+            if "ranks_down" in e and node not in replied:
+                dropped[node] = ["no reply within the round's timeout"]
         accepted, rejected = screen_updates(
             [p.update for p in parsed.values()], self.shapes, None, ValidationConfig(norm_factor=self.config.norm_factor, max_rank=self.config.max_rank)
         )
@@ -230,6 +239,8 @@ class FlexLoRAStrategy(Strategy):
         rec["accepted"] = [u.client_id for u in accepted]
         metrics = _weighted_metrics([parsed[u.client_id] for u in accepted])
         if new_state is None:
+            for u in accepted:
+                rec["nodes"][u.client_id]["status"] = "valid, not aggregated"
             rec["kept_previous_state"] = why
             LOG.warning("flexlora strategy: round %d: %s; the global state of round %d is kept", server_round, why, self.state.round if self.state else 0)
             self._close(rec)
@@ -348,6 +359,7 @@ class FlexLoRAStrategy(Strategy):
         """Ask nodes never heard from for their LoRA config; a node that cannot say gets the declared one."""
         if not nodes or not self.config.ask_new_nodes:
             return
+        self.asked.update(nodes)
         msgs = [Message(RecordDict({CONFIG: ConfigRecord({"want": LORA_CONFIG})}), dst_node_id=n, message_type=QUERY, ttl=self.config.query_timeout) for n in nodes]
         for m in msgs:
             self._count(rec, int(m.metadata.dst_node_id), "down", message_nbytes(m))

@@ -163,6 +163,8 @@ def base_env(home: Path) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # Flower starts flower-superexec / flwr-* by name
         PYTHONUNBUFFERED="1",
+        # the flexlora of this checkout, whatever the environment has installed (a worktree, an editable install elsewhere)
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]),
     )
     home.mkdir(parents=True, exist_ok=True)
     return env
@@ -226,6 +228,61 @@ def make_tls(folder: Path, node_keys: int) -> dict[str, Path]:
     return files
 
 
+# -- start-up pieces ------------------------------------------------------------------------------
+def start_superlink(procs: Processes, work: Path, keys: dict[str, Path] | None = None) -> tuple[int, dict[str, str]]:
+    """A SuperLink on 127.0.0.1 (TLS and SuperNode authentication when ``keys`` are given), and the
+    environment of a `flwr` CLI whose default SuperLink connection ("loopback") is it."""
+    link_port = free_port()
+    link_cmd = [str(BIN / "flower-superlink"), "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link_port)]
+    if keys:
+        link_cmd += ["--ssl-ca-certfile", str(keys["ca"]), "--ssl-certfile", str(keys["cert"]), "--ssl-keyfile", str(keys["key"]), "--enable-supernode-auth"]
+    else:
+        link_cmd += ["--insecure"]
+    link = procs.start("superlink", link_cmd, base_env(work / "home" / "superlink"))
+    wait_for_port(link_port, link, "the SuperLink")
+    cli_env = base_env(work / "home" / "cli")
+    conn = [f'address = "127.0.0.1:{link_port}"', f'root-certificates = "{keys["ca"]}"' if keys else "insecure = true"]
+    (work / "home" / "cli" / "config.toml").write_text('[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n' + "\n".join(conn) + "\n")
+    return link_port, cli_env
+
+
+def start_supernode(procs: Processes, work: Path, name: str, link_port: int, node_config: str, keys: dict[str, Path] | None = None, key: str | None = None) -> subprocess.Popen:
+    cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
+    cmd += ["--root-certificates", str(keys["ca"]), "--auth-supernode-private-key", str(keys[key])] if keys and key else ["--insecure"]
+    return procs.start(name, cmd, base_env(work / "home" / name))
+
+
+def flwr_run(app: Path, run_config: Path, cli_env: dict[str, str], timeout: float, log: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """`flwr run APP loopback --stream` (its exit code proves nothing: check the run's own artefacts)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--run-config", str(run_config), "--stream"], env=cli_env, capture_output=True, text=True, timeout=timeout)
+    log.write_text(r.stdout + r.stderr)
+    return r, time.perf_counter() - t0
+
+
+def run_app(app: Path, run_config: dict, node_configs: list[str], work: Path, timeout: float) -> dict:
+    """Any Flower App on a loopback deployment: an insecure SuperLink, one SuperNode per node config,
+    `flwr run`; every process stopped by PID afterwards. Returns timings and the run's log path."""
+    import tomli_w
+
+    procs = Processes(work / "logs")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    try:
+        t0 = time.perf_counter()
+        link_port, cli_env = start_superlink(procs, work)
+        for i, nc in enumerate(node_configs):
+            start_supernode(procs, work, f"supernode{i}", link_port, nc)
+        report["startup_seconds"] = round(time.perf_counter() - t0, 2)
+        rc_path = work / "run-config.toml"
+        rc_path.write_text(tomli_w.dumps(run_config))
+        r, seconds = flwr_run(app, rc_path, cli_env, timeout, work / "logs" / "flwr-run.log")
+        report.update(run_seconds=round(seconds, 2), flwr_exit=r.returncode, log=str(work / "logs" / "flwr-run.log"))
+    finally:
+        procs.stop()
+    return report
+
+
 # -- the check ------------------------------------------------------------------------------------
 def reference_run(out: Path, rounds: int) -> dict[int, str]:
     """The in-process simulator on the same config and seed; returns its rank type per client."""
@@ -270,19 +327,8 @@ def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict
         report["types"] = {str(k): v for k, v in types.items()}
 
         keys = make_tls(work / "tls", node_keys=4) if tls else {}
-        link_port = free_port()
-        link_cmd = [str(BIN / "flower-superlink"), "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link_port)]
-        if tls:
-            link_cmd += ["--ssl-ca-certfile", str(keys["ca"]), "--ssl-certfile", str(keys["cert"]), "--ssl-keyfile", str(keys["key"]), "--enable-supernode-auth"]
-        else:
-            link_cmd += ["--insecure"]
         t0 = time.perf_counter()
-        link = procs.start("superlink", link_cmd, base_env(work / "home" / "superlink"))
-        wait_for_port(link_port, link, "the SuperLink")
-
-        cli_env = base_env(work / "home" / "cli")
-        conn = [f'address = "127.0.0.1:{link_port}"', f'root-certificates = "{keys["ca"]}"' if tls else "insecure = true"]
-        (work / "home" / "cli" / "config.toml").write_text('[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n' + "\n".join(conn) + "\n")
+        link_port, cli_env = start_superlink(procs, work, keys or None)
 
         if tls:  # register the three nodes' public keys; the fourth key stays unregistered
             for i in range(3):
@@ -291,10 +337,7 @@ def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict
                     raise LoopbackError(f"flwr supernode register failed for node {i}: {r.stdout}{r.stderr}")
 
         def supernode(name: str, pid: int, rank_type: str, key: str | None) -> subprocess.Popen:
-            cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(free_port()),
-                   "--node-config", f'partition-id={pid} rank-type="{rank_type}"']
-            cmd += ["--root-certificates", str(keys["ca"]), "--auth-supernode-private-key", str(keys[key])] if tls else ["--insecure"]
-            return procs.start(name, cmd, base_env(work / "home" / name))
+            return start_supernode(procs, work, name, link_port, f'partition-id={pid} rank-type="{rank_type}"', keys or None, key)
 
         for cid, rank_type in sorted(types.items()):
             supernode(f"supernode{cid}", cid, rank_type, f"node{cid}" if tls else None)
@@ -308,11 +351,8 @@ def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict
             f'config = "{SMOKE}"\nset = "{"; ".join(OVERRIDES + [f"federation.rounds={rounds}"])}"\nout = "{out}"\n'
             f"min-nodes = 3\nmin-clients = 3\nround-timeout = {run_timeout}\nnode-wait-timeout = 120.0\n"
         )
-        t0 = time.perf_counter()
-        r = subprocess.run([str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(run_cfg), "--stream"],
-                           env=cli_env, capture_output=True, text=True, timeout=run_timeout + 180)
-        report["run_seconds"] = round(time.perf_counter() - t0, 2)
-        (work / "logs" / "flwr-run.log").write_text(r.stdout + r.stderr)
+        r, seconds = flwr_run(APP, run_cfg, cli_env, run_timeout + 180, work / "logs" / "flwr-run.log")
+        report["run_seconds"] = round(seconds, 2)
         summary_path = out / "summary.json"
         if not summary_path.exists():
             raise LoopbackError(f"the run wrote no summary.json (flwr run exit {r.returncode}); see {work / 'logs' / 'flwr-run.log'}:\n{(r.stdout + r.stderr)[-3000:]}")

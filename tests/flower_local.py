@@ -36,10 +36,13 @@ def _wire(message: Message) -> tuple[Message, int]:
 class LocalGrid(Grid):
     """Routes every message to ``client_app`` with the destination node's ``node_config``."""
 
-    def __init__(self, client_app: Callable[[Message, Context], Message], node_configs: Mapping[int, Mapping[str, Any]], fault: Fault | None = None, run_id: int = 1) -> None:
+    def __init__(
+        self, client_app: Callable[[Message, Context], Message], node_configs: Mapping[int, Mapping[str, Any]], fault: Fault | None = None, run_id: int = 1,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.client_app = client_app
         self.contexts = {
-            int(n): Context(run_id=run_id, node_id=int(n), node_config=dict(c), state=RecordDict(), run_config={}) for n, c in node_configs.items()
+            int(n): Context(run_id=run_id, node_id=int(n), node_config=dict(c), state=RecordDict(), run_config=dict(run_config or {})) for n, c in node_configs.items()
         }
         self.fault = fault
         # the identity Flower's runtime gives the ServerApp process (Message() reads it)

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -85,60 +85,110 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         if config.get(key):
             raise AdapterError(f"{cfg_path}: {why}")
     try:
-        r_default = int(config.get("r", 8))
-        alpha_default = float(config.get("lora_alpha", 8))
-        rank_pattern = dict(config.get("rank_pattern") or {})
-        alpha_pattern = dict(config.get("alpha_pattern") or {})
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{cfg_path}: bad r / lora_alpha / rank_pattern / alpha_pattern ({e})") from None
-    rslora = bool(config.get("use_rslora", False))
-
-    try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"{w_path}: unreadable safetensors file ({e})") from None
+    modules, specs = factors_from_state_dict(tensors, config, where=str(w_path), config_where=str(cfg_path))
+    dtypes = {t.dtype for f in modules.values() for t in (f.A, f.B)}
+    dtype = torch.float32 if len(dtypes) != 1 else dtypes.pop()
+    return Adapter(path=path, config=config, modules=modules, specs=specs, dtype=dtype)
 
+
+def _lora_settings(config: Mapping[str, Any], where: str) -> tuple[int, float, dict[str, Any], dict[str, Any], bool]:
+    """(r, lora_alpha, rank_pattern, alpha_pattern, use_rslora) of an adapter config, PEFT's defaults filled in."""
+    try:
+        return (
+            int(config.get("r", 8)),
+            float(config.get("lora_alpha", 8)),
+            dict(config.get("rank_pattern") or {}),
+            dict(config.get("alpha_pattern") or {}),
+            bool(config.get("use_rslora", False)),
+        )
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{where}: bad r / lora_alpha / rank_pattern / alpha_pattern ({e})") from None
+
+
+def module_of_key(key: str) -> tuple[str, str] | None:
+    """(module name, "A" or "B") of a PEFT LoRA state-dict key, or None for any other tensor."""
+    m = _KEY.match(key)
+    return (m["module"], m["which"]) if m else None
+
+
+def peft_key(module: str, which: str) -> str:
+    """The key ``get_peft_model_state_dict`` gives a module's lora_A / lora_B weight."""
+    return f"base_model.model.{module}.lora_{which}.weight"
+
+
+def spec_from_config(config: Mapping[str, Any], modules: Iterable[str], where: str = "adapter config") -> dict[str, ModuleSpec]:
+    """Per-module rank and alpha that a LoRA config (r, lora_alpha, rank_pattern, alpha_pattern,
+    use_rslora) gives each of ``modules`` (PEFT's pattern rule)."""
+    r_default, alpha_default, rank_pattern, alpha_pattern, rslora = _lora_settings(config, where)
+    out = {}
+    for name in modules:
+        try:
+            out[name] = ModuleSpec(
+                rank=int(_pattern_value(rank_pattern, name, r_default)), alpha=float(_pattern_value(alpha_pattern, name, alpha_default)), rslora=rslora
+            )
+        except (TypeError, ValueError, re.error) as e:
+            raise AdapterError(f"{where}, module {name}: bad rank / alpha ({e})") from None
+    return out
+
+
+def factors_from_state_dict(
+    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str = "state dict", config_where: str | None = None, infer_ranks: bool = False
+) -> tuple[dict[str, LoraFactors], dict[str, ModuleSpec]]:
+    """LoRA factors and specs from a PEFT LoRA state dict (``get_peft_model_state_dict``) and its
+    LoRA config. ``infer_ranks``: ranks come from the tensor shapes (alpha and rsLoRA still from
+    ``config``); otherwise a rank the config declares must match the weights. Every problem raises
+    AdapterError naming ``where`` and the module."""
+    config_where = config_where or where
+    r_default, alpha_default, rank_pattern, alpha_pattern, rslora = _lora_settings(config, config_where)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise AdapterError(f"{w_path}: tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and embeddings are not aggregated)")
+            raise AdapterError(f"{where}: tensor {key!r} is not a LoRA A/B weight (modules_to_save, biases and embeddings are not aggregated)")
         factors.setdefault(m["module"], {})[m["which"]] = t
     if not factors:
-        raise AdapterError(f"{w_path}: contains no LoRA weights")
-
+        raise AdapterError(f"{where}: contains no LoRA weights")
     modules: dict[str, LoraFactors] = {}
     specs: dict[str, ModuleSpec] = {}
-    dtypes = set()
     for name in sorted(factors):
         pair = factors[name]
         if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{w_path}, module {name}: has lora_{''.join(pair)} but not both lora_A and lora_B")
+            raise AdapterError(f"{where}, module {name}: has lora_{''.join(pair)} but not both lora_A and lora_B")
         A, B = pair["A"], pair["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{w_path}, module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a LoRA pair")
+            raise AdapterError(f"{where}, module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a LoRA pair")
         if not (A.is_floating_point() and B.is_floating_point()):
-            raise AdapterError(f"{w_path}, module {name}: integer weights ({A.dtype}, {B.dtype}); quantised adapters are not supported")
+            raise AdapterError(f"{where}, module {name}: integer weights ({A.dtype}, {B.dtype}); quantised adapters are not supported")
         if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            raise AdapterError(f"{w_path}, module {name}: contains NaN or Inf")
+            raise AdapterError(f"{where}, module {name}: contains NaN or Inf")
         rank = int(A.shape[0])
         if rank < 1:
-            raise AdapterError(f"{w_path}, module {name}: rank 0")
+            raise AdapterError(f"{where}, module {name}: rank 0")
         try:
             declared = int(_pattern_value(rank_pattern, name, r_default))
             alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
         except (TypeError, ValueError, re.error) as e:
-            raise AdapterError(f"{cfg_path}, module {name}: bad rank_pattern / alpha_pattern entry ({e})") from None
-        if declared != rank:
-            raise AdapterError(f"{cfg_path}, module {name}: config declares rank {declared} but the weights have rank {rank}")
+            raise AdapterError(f"{config_where}, module {name}: bad rank_pattern / alpha_pattern entry ({e})") from None
+        if declared != rank and not infer_ranks:
+            raise AdapterError(f"{config_where}, module {name}: config declares rank {declared} but the weights have rank {rank}")
         if not (math.isfinite(alpha) and alpha > 0):
-            raise AdapterError(f"{cfg_path}, module {name}: lora_alpha must be positive, got {alpha}")
+            raise AdapterError(f"{config_where}, module {name}: lora_alpha must be positive, got {alpha}")
         spec = ModuleSpec(rank=rank, alpha=alpha, rslora=rslora)
         modules[name] = LoraFactors(A=A, B=B, scale=spec.scale)
         specs[name] = spec
-        dtypes.update({A.dtype, B.dtype})
-    dtype = torch.float32 if len(dtypes) != 1 else dtypes.pop()
-    return Adapter(path=path, config=config, modules=modules, specs=specs, dtype=dtype)
+    return modules, specs
+
+
+def state_dict_from_factors(modules: Mapping[str, LoraFactors], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The PEFT LoRA state dict of ``modules`` (what ``set_peft_model_state_dict`` loads)."""
+    out = {}
+    for name, f in modules.items():
+        out[peft_key(name, "A")] = f.A.to(dtype or f.A.dtype).contiguous()
+        out[peft_key(name, "B")] = f.B.to(dtype or f.B.dtype).contiguous()
+    return out
 
 
 def adapter_config(specs: Mapping[str, ModuleSpec], template: Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -189,10 +239,7 @@ def write_adapter(
         if f.rank != s.rank or not math.isclose(f.scale, s.scale, rel_tol=1e-9):
             raise AdapterError(f"module {name}: factors have rank {f.rank}, scale {f.scale} but the spec says rank {s.rank}, scale {s.scale}")
     config = adapter_config({n: specs[n] for n in modules}, template, **overrides)
-    tensors = {}
-    for name, f in modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = f.A.to(dtype or f.A.dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = f.B.to(dtype or f.B.dtype).contiguous()
+    tensors = state_dict_from_factors(modules, dtype)
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")

@@ -1,5 +1,6 @@
-"""The Flower deployment layer: payloads (:mod:`.payloads`), the node's handlers (:mod:`.node`) and
-the server's run (:mod:`.server`).
+"""The Flower deployment layer: payloads (:mod:`.payloads`), the node's handlers (:mod:`.node`),
+the server's run (:mod:`.server`), and :mod:`.strategy`, a Flower ``Strategy`` (FlexLoRAStrategy)
+for other people's Flower apps, whose clients send PEFT LoRA state dicts at their own ranks.
 
 The Flower App in ``flower_app/`` is a thin shell over this module, and this module is a thin
 layer over the same core as the in-process simulator: the server side builds a
@@ -45,3 +46,12 @@ __all__ = [
     "NodeProfile", "NodeRuntime", "arrays_to_factors", "arrays_to_tensors", "config_from_json", "config_to_json", "config_to_spec",
     "factors_to_arrays", "handle_query", "handle_train", "message_nbytes", "node_profile", "server_main", "spec_to_config",
 ]
+
+
+def __getattr__(name: str):
+    """The Strategy subclasses Flower's, so it (and flwr) is imported only when asked for."""
+    if name in ("FlexLoRAStrategy", "StrategyConfig"):
+        from flexlora.flower import strategy
+
+        return getattr(strategy, name)
+    raise AttributeError(f"module 'flexlora.flower' has no attribute {name!r}")

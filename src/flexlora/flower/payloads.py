@@ -51,6 +51,29 @@ def _flwr():
 
 
 # -- payload encoding ----------------------------------------------------------------------------
+# Factors travel in one of these dtypes. NumPy (and so Flower's Array) has no bfloat16: its 16 bits
+# travel as int16, and the message's "transport-dtype" tells the receiver to view them back.
+TRANSPORT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def transport_dtype(name: str) -> torch.dtype:
+    try:
+        return TRANSPORT_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown transport dtype {name!r}; choose one of {sorted(TRANSPORT_DTYPES)}") from None
+
+
+def tensors_to_arrays(tensors: Mapping[str, Tensor], transport: str = "float32") -> "ArrayRecord":
+    """Tensors (CPU, any float dtype) as an ArrayRecord in the ``transport`` dtype (see TRANSPORT_DTYPES)."""
+    app = _flwr()
+    dtype = transport_dtype(transport)
+    arrays = {}
+    for key, t in tensors.items():
+        t = t.detach().to("cpu", dtype).contiguous()
+        arrays[key] = app.Array((t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy())
+    return app.ArrayRecord(arrays)
+
+
 def factors_to_arrays(factors: Mapping[str, LoraFactors], dtype: torch.dtype = torch.float32) -> "ArrayRecord":
     """``{name}.A`` / ``{name}.B`` arrays (C-order, ``dtype``) in an ArrayRecord."""
     app = _flwr()
@@ -61,8 +84,14 @@ def factors_to_arrays(factors: Mapping[str, LoraFactors], dtype: torch.dtype = t
     return app.ArrayRecord(arrays)
 
 
-def arrays_to_tensors(record: "ArrayRecord") -> dict[str, Tensor]:
-    return {key: torch.from_numpy(arr.numpy().copy()) for key, arr in record.items()}
+def arrays_to_tensors(record: "ArrayRecord", transport: str = "float32") -> dict[str, Tensor]:
+    """Tensors back from an ArrayRecord; ``transport`` = "bfloat16" views int16 arrays as bfloat16."""
+    bf16 = transport_dtype(transport) == torch.bfloat16
+    out = {}
+    for key, arr in record.items():
+        t = torch.from_numpy(arr.numpy().copy())
+        out[key] = t.view(torch.bfloat16) if bf16 and t.dtype == torch.int16 else t
+    return out
 
 
 def arrays_to_factors(record: "ArrayRecord", scales: Mapping[str, float]) -> dict[str, LoraFactors]:

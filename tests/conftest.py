@@ -67,3 +67,17 @@ def tiny_model(tiny_tokenizer) -> LlamaForCausalLM:
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def private_flwr_home(tmp_path, monkeypatch):
+    """Flower keeps its state under FLWR_HOME: a test's own, never the user's."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads():
+    """Flower code paths set torch's thread count (model.threads); put it back after the module."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

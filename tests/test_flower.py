@@ -47,16 +47,7 @@ BASE = ["data.suite_clients=3", "federation.clients_per_round=3", "model.threads
 FAST = ["eval.at_start=false", "eval.clients=0"]  # no evaluation where a test is about something else
 
 
-@pytest.fixture(autouse=True)
-def _private_flwr_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("private_flwr_home", "restore_torch_threads")
 
 
 def _strip(rec):

@@ -31,16 +31,7 @@ from flowertune_flexlora import client_app, server_app  # noqa: E402
 NODE_CONFIGS = ["partition-id=0 rank-attention=2 rank-mlp=2", "partition-id=1 rank-attention=4 rank-mlp=16", "partition-id=2 rank-attention=8 rank-mlp=8"]
 
 
-@pytest.fixture(autouse=True)
-def _private_flwr_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("private_flwr_home", "restore_torch_threads")
 
 
 def run_config(**overrides) -> dict:

@@ -28,9 +28,7 @@ DECLARED = {"r": 4, "lora_alpha": 16}
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True)
-def _private_flwr_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+pytestmark = pytest.mark.usefixtures("private_flwr_home")
 
 
 def lora(r: int, r_mlp: int | None = None, alpha: float = 16, rslora: bool = False) -> LoraConfig:

@@ -159,7 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flexlora.evaluate import evaluate_clients
     from flexlora.fsutil import atomic_write_text
     from flexlora.models import load_model
-    from flexlora.simulate import load_clients
+    from flexlora.rounds import eval_subset
+    from flexlora.simulate import load_clients, why_nothing_to_evaluate
 
     overrides = _overrides(args)
     if args.data:
@@ -167,17 +168,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.model:
         overrides.append(f'model.source="{args.model}"')
     cfg = load_config(args.config, overrides)
+    all_clients = load_clients(cfg)
+    split = cfg.eval.split
+    clients = eval_subset(sorted((c for c in all_clients if (c.heldout or args.all_clients) and (c.eval if split == "eval" else c.test)), key=lambda c: c.client_id), cfg.eval.clients)
+    if not clients:  # before the model is loaded
+        why = "no client has examples in split " + repr(split) if args.all_clients else why_nothing_to_evaluate(cfg, all_clients)
+        hint = "" if args.all_clients else "; --all-clients evaluates every client's eval split"
+        raise ConfigError(f"nothing to evaluate: {why}{hint}")
+    if args.adapter:
+        from flexlora.peft_io import read_adapter
+
+        read_adapter(args.adapter)  # a clear error for a broken adapter before the model is loaded
     model, tokenizer = load_model(cfg.model)
     if args.adapter:
         from peft import PeftModel
 
-        from flexlora.peft_io import read_adapter
-
-        read_adapter(args.adapter)  # a clear error for a broken adapter before PEFT sees it
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    clients = [c for c in load_clients(cfg) if (c.heldout or args.all_clients) and c.eval]
-    if cfg.eval.clients:
-        clients = clients[: cfg.eval.clients]
     ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
     result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
     result["adapter"] = args.adapter

@@ -28,11 +28,19 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """``kind``: "suite" (built-in tasks, the default), "ni" (Natural Instructions, ``path``), or
-    "instruct" (Dolly-style JSON/JSONL with categories, ``path``, partitioned over clients)."""
+    "instruct" (Dolly-style JSON/JSONL with categories, ``path``, partitioned over clients).
+
+    Held-out clients (never trained, evaluated zero-shot) exist for every kind: ``heldout_file``
+    (a JSON list of client ids, or ``{"client_ids": [...]}``) names them for any kind; otherwise
+    ``heldout_clients`` (a count) or ``heldout_fraction`` choose them: for instruct data a seeded
+    random set of the partitioned clients (default 10%, at least one), for the suite the number
+    of held-out tasks (default one per category, 8). NI data marks its own held-out clients."""
 
     kind: str = "suite"
     path: str | None = None
     heldout_file: str | None = None
+    heldout_clients: int | None = None
+    heldout_fraction: float | None = None
     # suite
     suite_clients: int = 24
     suite_examples: int = 32
@@ -291,6 +299,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.path is required for data.kind = {d.kind!r}")
         if not Path(d.path).exists():
             raise ConfigError(f"data.path: {d.path} does not exist")
+    _validate_heldout(d)
     if cfg.model.source not in ("smollm2", "tiny") and not Path(cfg.model.source).exists():
         raise ConfigError(f"model.source: {cfg.model.source} does not exist (use 'smollm2', 'tiny', a model directory or a .gguf file)")
     if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
@@ -323,6 +332,37 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
     if fed.algorithm == "fedavg" and tr.optimizer == "adamw":
         tr.optimizer = "sgd"  # the paper's FedAvg column trains with SGD
+
+
+def _validate_heldout(d: DataConfig) -> None:
+    """One source of held-out clients, of a size the data kind can give."""
+    from flexlora.data.suite import SUITE_CATEGORIES, SUITE_TASKS
+
+    given = [k for k in ("heldout_file", "heldout_clients", "heldout_fraction") if getattr(d, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"data: set one of {', '.join('data.' + k for k in given)}, not several (they all choose the held-out clients)")
+    if d.heldout_file is not None and not Path(d.heldout_file).is_file():
+        raise ConfigError(f"data.heldout_file: {d.heldout_file} is not a file")
+    if d.kind == "ni" and (d.heldout_clients is not None or d.heldout_fraction is not None):
+        raise ConfigError("data.heldout_clients / data.heldout_fraction apply to suite and instruct data; NI data marks its held-out clients itself (or use data.heldout_file)")
+    if d.heldout_clients is not None and d.heldout_clients < 0:
+        raise ConfigError(f"data.heldout_clients must be >= 0, got {d.heldout_clients}")
+    if d.heldout_fraction is not None and not 0 <= d.heldout_fraction < 1:
+        raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
+    max_tasks = len(SUITE_TASKS) - len(SUITE_CATEGORIES)
+    if d.kind == "suite" and suite_heldout_tasks(d) is not None and suite_heldout_tasks(d) > max_tasks:
+        raise ConfigError(f"data.heldout_clients: the suite can hold out at most {max_tasks} of its {len(SUITE_TASKS)} tasks (each category keeps a training task)")
+
+
+def suite_heldout_tasks(d: DataConfig) -> int | None:
+    """The suite's held-out tasks (one held-out client each); None: the suite's default."""
+    from flexlora.data.suite import SUITE_TASKS
+
+    if d.heldout_clients is not None:
+        return d.heldout_clients
+    if d.heldout_fraction is not None:
+        return int(d.heldout_fraction * len(SUITE_TASKS) + 0.5)
+    return None
 
 
 # -- comparing configs: what makes a checkpoint unusable ---------------------------------------

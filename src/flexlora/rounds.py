@@ -95,9 +95,14 @@ def build_federation(cfg: "RunConfig", clients: Sequence["ClientData"], shapes: 
         except ValueError as e:
             raise ConfigError(f"resources: {e}") from None
         notes.update(n)
-    if len(heldout) > cfg.eval.clients:  # a fixed, spread-out subset
-        heldout = sorted(random.Random(0).sample(heldout, cfg.eval.clients), key=lambda c: c.client_id)
-    return Federation(train, heldout, dict(shapes), types, specs, sorted(notes))
+    return Federation(train, eval_subset(heldout, cfg.eval.clients), dict(shapes), types, specs, sorted(notes))
+
+
+def eval_subset(clients: Sequence["ClientData"], count: int) -> list["ClientData"]:
+    """The clients evaluated: all when there are at most ``count``, else a fixed spread-out subset
+    (seed 0: the same for every run seed and method, and for ``flexlora eval``)."""
+    chosen = list(clients) if len(clients) <= count else random.Random(0).sample(list(clients), count)
+    return sorted(chosen, key=lambda c: c.client_id)
 
 
 def clients_per_round(fed_cfg, num_clients: int) -> int:

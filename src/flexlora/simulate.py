@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,11 +50,18 @@ RoundFn = Callable[[int, ServerState, Any], "tuple[dict[str, Any], ServerState]"
 
 
 def load_clients(cfg: RunConfig) -> list[ClientData]:
+    """The run's clients, held-out ones marked (see :class:`flexlora.config.DataConfig`)."""
+    from flexlora.config import suite_heldout_tasks
+    from flexlora.data.instruct import heldout_count, mark_heldout, seeded_heldout_ids
+    from flexlora.data.ni import read_heldout_file
+
     d = cfg.data
     if d.kind == "suite":
         from flexlora.data.suite import make_suite
 
-        clients = make_suite(d.suite_clients, d.suite_examples, d.suite_eval, seed=cfg.federation.seed)
+        clients = make_suite(d.suite_clients, d.suite_examples, d.suite_eval, seed=cfg.federation.seed, heldout_tasks=suite_heldout_tasks(d))
+        if d.heldout_file:
+            mark_heldout(clients, read_heldout_file(d.heldout_file), d.heldout_file, evaluate_all_records=False)
     elif d.kind == "ni":
         from flexlora.data.ni import load_ni
 
@@ -68,7 +76,35 @@ def load_clients(cfg: RunConfig) -> list[ClientData]:
             clients = partition_by_category(records, eval_fraction=d.eval_fraction, seed=cfg.federation.seed)
         else:
             clients = partition_dirichlet(records, d.num_clients, d.dirichlet_alpha, cfg.federation.seed, eval_fraction=d.eval_fraction)
+        if d.heldout_file:
+            ids, source = read_heldout_file(d.heldout_file), d.heldout_file
+        else:
+            k = heldout_count(len(clients), d.heldout_clients, d.heldout_fraction)
+            ids, source = seeded_heldout_ids(clients, k, derived_seed(cfg.federation.seed, "heldout")), "data.heldout_clients"
+        mark_heldout(clients, ids, source, evaluate_all_records=True)
     return clients
+
+
+def why_nothing_to_evaluate(cfg: RunConfig, clients: list[ClientData]) -> str | None:
+    """None when some held-out client has examples to evaluate; otherwise why not, naming the key to change."""
+    split = cfg.eval.split
+    heldout = [c for c in clients if c.heldout]
+    if cfg.eval.clients == 0:
+        return "eval.clients = 0"
+    if not heldout:
+        d = cfg.data
+        if d.heldout_file:
+            how = f"{d.heldout_file} lists none of the clients"
+        elif d.kind == "ni":
+            how = "the NI data marks none and data.heldout_file is not set"
+        elif d.kind == "instruct" and len(clients) < 2:
+            how = f"the data makes {len(clients)} client, which must train; more clients (data.num_clients) or data.heldout_file"
+        else:
+            how = "data.heldout_clients / data.heldout_fraction hold out none; set one of them (or data.heldout_file)"
+        return f"no held-out clients: {how}"
+    if not any(c.eval if split == "eval" else c.test for c in heldout):
+        return f"the {len(heldout)} held-out clients have no examples in split {split!r} (eval.split)"
+    return None
 
 
 class Simulation(SparseWarmup):
@@ -158,6 +194,8 @@ class Simulation(SparseWarmup):
             (self.out / METRICS).unlink()
         _write_metrics(self.out / METRICS, history)
         atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        for line in self.start_notes():
+            print(f"{cfg.name}: {line}", file=sys.stderr)
         self._set_base_weights()
 
         if start_round == 1 and cfg.eval.at_start and self.fed.eval_clients:
@@ -206,6 +244,17 @@ class Simulation(SparseWarmup):
                 bar.advance(rounds_task)
         summary = self.finish(state, history)
         return summary
+
+    def eval_note(self) -> str | None:
+        """Why nothing will be evaluated (None when something will)."""
+        if self.fed.eval_clients:
+            return None
+        return why_nothing_to_evaluate(self.cfg, self.clients) or "no held-out client has examples to evaluate"
+
+    def start_notes(self) -> list[str]:
+        """What the run trains and evaluates, said before the first round."""
+        note = self.eval_note()
+        return [f"nothing will be evaluated (Rouge-L stays empty): {note}"] if note else []
 
     def run_round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
         """One round in this process: the engine plans it, the local trainer trains every client in
@@ -323,6 +372,7 @@ class Simulation(SparseWarmup):
             "rounds": self.cfg.federation.rounds,
             "train_clients": len(self.fed.train_clients),
             "eval_clients": len(self.fed.eval_clients),
+            "eval_note": self.eval_note(),
             "type_counts": _counts(self.fed.types.values()),
             "rank_notes": self.fed.notes,
             "tokens": sum(h.get("tokens", 0) for h in rounds),

@@ -58,8 +58,14 @@ class DataConfig:
 
 @dataclass
 class LoraSettings:
+    """``targets``: layer names (a name matches a layer whose name is it or ends in ``.name``) or
+    ``"all-linear"`` (every linear / Conv1D layer but the output layer). ``groups`` names layers
+    whose module group (the key a resource type ranks: attention, mlp) the architecture does not
+    tell, e.g. ``{ mlp = ["wi", "wo"] }``; explicit entries win over the derived groups."""
+
     alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    groups: dict[str, list[str]] = field(default_factory=dict)
     rank_scale: float = 1.0
     cap_at_width: bool = True
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023): high ranks learn as fast as low ones
@@ -279,6 +285,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train: lr must be > 0, batch_size and grad_accum >= 1, max_length >= 16")
     if tr.template not in ("alpaca", "chat"):
         raise ConfigError(f"train.template must be 'alpaca' or 'chat', got {tr.template!r}")
+    targets = cfg.lora.targets
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ConfigError(f"lora.targets: {targets!r} is neither a list of layer names nor \"all-linear\"")
+    if not isinstance(targets, (str, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"lora.targets must be \"all-linear\" or a non-empty list of layer names, got {targets!r}")
     if res.mode not in ("types", "budget"):
         raise ConfigError(f"resources.mode must be 'types' or 'budget', got {res.mode!r}")
     types = {**PAPER_TYPES, **res.types}

@@ -267,3 +267,43 @@ def plain_head_parts(model) -> tuple[Any, Any] | None:
     if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
         return None
     return decoder, head
+
+
+# -- the layers LoRA adapts ----------------------------------------------------------------------------
+def _conv1d_class():
+    """transformers' Conv1D (GPT-2 style: a linear layer whose weight is stored (in, out))."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency of every model path
+        return None
+    return Conv1D
+
+
+def linear_shape(module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a layer LoRA can adapt (``nn.Linear`` or GPT-2's ``Conv1D``), else None."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        d_in, d_out = module.weight.shape
+        return int(d_out), int(d_in)
+    return None
+
+
+def weight_is_transposed(module) -> bool:
+    """True for Conv1D: its weight is (d_in, d_out), the transpose of a LoRA update ``B @ A``
+    (what PEFT calls ``fan_in_fan_out``)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def adaptable_layers(model) -> dict[str, tuple[int, int]]:
+    """{name: (d_out, d_in)} of every linear layer except the output layer: what PEFT's
+    ``target_modules="all-linear"`` adapts."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None and module is not head and name.rsplit(".", 1)[-1] not in ("lm_head", "score"):
+            out[name] = shape
+    return out

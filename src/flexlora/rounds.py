@@ -68,7 +68,7 @@ class Federation:
 
 def rank_policy(cfg: "RunConfig") -> RankPolicy:
     lora = cfg.lora
-    return RankPolicy(alpha=lora.alpha, rank_scale=lora.rank_scale, cap_at_width=lora.cap_at_width, rslora=lora.rslora)
+    return RankPolicy(alpha=lora.alpha, rank_scale=lora.rank_scale, cap_at_width=lora.cap_at_width, rslora=lora.rslora, groups=dict(lora.groups))
 
 
 def resource_types(cfg: "RunConfig") -> dict[str, dict[str, int]]:

@@ -27,9 +27,9 @@ from flexlora.evaluate import EvalConfig, evaluate_clients
 from flexlora.failures import draw_failure, garbage_update
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
-from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype
+from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
 from flexlora.peft_io import write_adapter
-from flexlora.resources import target_module_names
+from flexlora.resources import group_members, module_group, target_module_names, unmatched_targets
 from flexlora.rounds import (
     ClientStatus,
     Federation,
@@ -251,10 +251,41 @@ class Simulation(SparseWarmup):
             return None
         return why_nothing_to_evaluate(self.cfg, self.clients) or "no held-out client has examples to evaluate"
 
+    def trained_modules(self) -> dict[str, Any]:
+        """Which layers the run trains, by module group, and each resource type's rank per group
+        (``"4-8"`` where capping at a layer's width makes them differ)."""
+        groups = dict(self.cfg.lora.groups)
+        members = group_members(list(self.fed.shapes), groups)
+        ranks: dict[str, dict[str, str]] = {}
+        for cid, t in sorted(self.fed.types.items()):
+            if t in ranks or cid not in self.fed.specs:
+                continue
+            per_group: dict[str, set[int]] = {}
+            for name, spec in self.fed.specs[cid].items():
+                per_group.setdefault(module_group(name, groups), set()).add(spec.rank)
+            ranks[t] = {g: (f"{min(r)}-{max(r)}" if len(r) > 1 else str(min(r))) for g, r in sorted(per_group.items())}
+        return {"layers": len(self.fed.shapes), "groups": members, "ranks": dict(sorted(ranks.items())), "unmatched_targets": unmatched_targets(self.model, self.cfg.lora.targets)}
+
     def start_notes(self) -> list[str]:
         """What the run trains and evaluates, said before the first round."""
+        info = self.trained_modules()
+        targets = self.cfg.lora.targets
+        lines = [
+            f"trains {info['layers']} layers (lora.targets = {targets if isinstance(targets, str) else ', '.join(targets)}): "
+            + "; ".join(f"{g}: {', '.join(m)}" for g, m in info["groups"].items())
+        ]
+        if info["ranks"]:
+            order = list(info["groups"])
+            lines.append(f"ranks ({' / '.join(order)}) per resource type: " + ", ".join(f"{t} {' / '.join(r.get(g, '-') for g in order)}" for t, r in info["ranks"].items()))
+        if info["unmatched_targets"]:
+            lines.append(
+                f"lora.targets names no layer of this model: {', '.join(info['unmatched_targets'])} (they train nothing; "
+                'lora.targets = "all-linear" trains every linear layer)'
+            )
         note = self.eval_note()
-        return [f"nothing will be evaluated (Rouge-L stays empty): {note}"] if note else []
+        if note:
+            lines.append(f"nothing will be evaluated (Rouge-L stays empty): {note}")
+        return lines
 
     def run_round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
         """One round in this process: the engine plans it, the local trainer trains every client in
@@ -375,6 +406,7 @@ class Simulation(SparseWarmup):
             "eval_note": self.eval_note(),
             "type_counts": _counts(self.fed.types.values()),
             "rank_notes": self.fed.notes,
+            "modules": self.trained_modules(),
             "tokens": sum(h.get("tokens", 0) for h in rounds),
             "train_seconds": sum(h.get("timings", {}).get("train", 0.0) for h in rounds),
             "final_train_loss": rounds[-1].get("train_loss") if rounds else None,
@@ -399,7 +431,8 @@ class Simulation(SparseWarmup):
             k = max(1, int((S > S.max() * 1e-12).sum())) if S.numel() else 1
             factors[name] = LoraFactors(A=Vh[:k].float(), B=(U[:, :k] * S[:k]).float(), scale=1.0)
             specs[name] = ModuleSpec(rank=k, alpha=float(k))
-        template = {"base_model_name_or_path": str(self.cfg.model.source), "lora_dropout": self.cfg.train.lora_dropout}
+        transposed = any(weight_is_transposed(self.model.get_submodule(n)) for n in self.fed.shapes)
+        template = {"base_model_name_or_path": str(self.cfg.model.source), "lora_dropout": self.cfg.train.lora_dropout, "fan_in_fan_out": transposed}
         if factors:
             write_adapter(folder / "global", factors, specs, template=template)
         if not self.method.restarts_adapter and self.cfg.resources.mode == "types":

@@ -73,7 +73,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--option dtype={options['dtype']}: the server computes in one of {list(SERVER_DTYPES)}")
         options["dtype"] = resolve_dtype(str(options["dtype"]))
     report = aggregate_adapter_dirs(
-        args.adapters, args.method, args.out, weights=_parse_weights(args.weights), method_options=options, overwrite=args.overwrite
+        args.adapters, args.method, args.out, weights=_parse_weights(args.weights), method_options=options, overwrite=args.overwrite,
+        allow_different_base=args.allow_different_base,
     )
     summary = report["summary"]
     print(
@@ -82,6 +83,16 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         f"mean rel. error vs exact average {summary.get('rel_error_vs_exact', 0):.2e}, "
         f"aggregation {report['timings_s']['aggregate']:.2f}s)"
     )
+    if report["merge_into_base"]:
+        from pathlib import Path
+
+        print(
+            f"{report['method']}: merge {Path(args.out) / 'global'} into the base model first "
+            "(PeftModel.from_pretrained(base, that folder).merge_and_unload()); the per-input folders are fresh B = 0 adapters "
+            "to train next on the merged model, not the aggregate"
+        )
+    if isinstance(report.get("base_model"), list):
+        print(f"{report['method']}: --allow-different-base: the inputs name different base models {report['base_model']}")
     return 0
 
 
@@ -206,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--weights", help="comma-separated weights, one per adapter (e.g. training-set sizes); default: equal")
     agg.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. singular_values=sqrt")
     agg.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    agg.add_argument(
+        "--allow-different-base", action="store_true",
+        help="aggregate adapters whose base-model names differ (layers and shapes must still agree): for users who know they are the same model",
+    )
     agg.set_defaults(func=cmd_aggregate)
 
     run = sub.add_parser("run", help="a federated fine-tuning run in one process")

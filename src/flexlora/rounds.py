@@ -216,7 +216,7 @@ class RoundEngine:
         """Replace who trains (the Flower server: the nodes that answered, at the ranks they declared)."""
         self.fed = federation
         if self.cfg.resources.mode == "types":
-            self.method.check_specs(list(federation.specs.values()))
+            self.method.check_specs(list(federation.specs.values()), labels=[f"client {cid}" for cid in federation.specs])
 
     def sample(self, rnd: int) -> list["ClientData"]:
         return sample_clients(self.fed.train_clients, self.cfg.federation, rnd)

@@ -121,7 +121,7 @@ class Simulation(SparseWarmup):
         self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
         self.method = self._method()
         self.engine = RoundEngine(cfg, build_federation(cfg, self.clients, target_module_names(self.model, cfg.lora.targets)), self.method, self.server_dtype)
-        self.method.check_specs(list(self.fed.specs.values()))
+        self.method.check_specs(list(self.fed.specs.values()), labels=[f"client {cid} ({self.fed.types.get(cid)})" for cid in self.fed.specs])
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, self.method.local_training(cfg.train), self.method.local_penalty(cfg.train))
         # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
         # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)

@@ -179,6 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.model:
         overrides.append(f'model.source="{args.model}"')
     cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; eval writes one JSON file (e.g. {out / 'eval.json'})")
     all_clients = load_clients(cfg)
     split = cfg.eval.split
     clients = eval_subset(sorted((c for c in all_clients if (c.heldout or args.all_clients) and (c.eval if split == "eval" else c.test)), key=lambda c: c.client_id), cfg.eval.clients)
@@ -198,7 +201,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
     result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
     result["adapter"] = args.adapter
-    out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
     print(f"Rouge-L (weighted) {result['rouge_l_weighted']:.2f}, mean {result['rouge_l_mean']:.2f} over {len(clients)} clients -> {out}")
     return 0
@@ -264,11 +266,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
-        print(f"flexlora {args.command}: error: {e}", file=sys.stderr)
+        print(f"flexlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as e:  # method options and similar
-        print(f"flexlora {args.command}: error: {e}", file=sys.stderr)
+        print(f"flexlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # a path the user gave that cannot be read or written
+        print(f"flexlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's first line (some libraries' messages run over several)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

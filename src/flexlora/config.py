@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.evaluate import EvalConfig
 from flexlora.methods import METHODS
-from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_quantization, resolve_device, resolve_model_dtype
+from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
 
@@ -313,6 +313,11 @@ def validate(cfg: RunConfig) -> None:
     _validate_heldout(d)
     if cfg.model.source not in ("smollm2", "tiny") and not Path(cfg.model.source).exists():
         raise ConfigError(f"model.source: {cfg.model.source} does not exist (use 'smollm2', 'tiny', a model directory or a .gguf file)")
+    if Path(cfg.model.source).is_dir():
+        try:
+            check_model_folder(Path(cfg.model.source))
+        except ModelError as e:
+            raise ConfigError(f"model.source: {e}") from None
     if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {['auto', *sorted(DTYPES)]}")
     try:

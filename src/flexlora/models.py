@@ -117,6 +117,20 @@ def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
         raise ModelError(f"model.quantization = {cfg.quantization!r} needs bitsandbytes: pip install 'flexlora[qlora]'")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder holds a transformers config and a tokenizer (nothing is downloaded)."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (expected a local transformers model directory)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{path}: no tokenizer in the model folder (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+            "save it there with tokenizer.save_pretrained(folder)"
+        )
+
+
 def _cache_root(cfg: ModelConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("FLEXLORA_CACHE") or Path.home() / ".cache" / "flexlora")
 
@@ -141,7 +155,12 @@ def load_tokenizer(cfg: ModelConfig):
                 raise ModelError(f"{path}: GGUF file not found")
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         elif path.is_dir():
-            tok = AutoTokenizer.from_pretrained(str(path))
+            check_model_folder(path)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError, TypeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelError(f"{path}: its tokenizer cannot be loaded ({first})") from None
         else:
             raise ModelError(f"{path}: not a model directory, a .gguf file, 'smollm2' or 'tiny'")
     if tok.pad_token_id is None:

@@ -102,3 +102,18 @@ def test_nothing_to_evaluate_is_said_at_start_and_eval_names_why(tmp_path, capsy
     assert code == 2 and "nothing to evaluate: no held-out clients" in err and "--all-clients" in err
     assert "no client has examples" not in err
     assert main(["eval", "--config", SMOKE, "--out", str(tmp_path / "e.json"), "--quiet", "--all-clients", *sets]) == 0
+
+
+def test_the_readme_config_for_own_model_and_data_is_valid(tmp_path):
+    """README "Your own model and data": its config passes the checks (with a data file and the tiny model)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Your own model and data") :]
+    toml = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    data = _dolly(tmp_path / "my_data.jsonl", per_category=12)
+    cfg_path = tmp_path / "my_run.toml"
+    cfg_path.write_text(toml.replace('"models/my-model"', '"tiny"').replace('"data/my_data.jsonl"', f'"{data}"'))
+    cfg = load_config(cfg_path)
+    assert cfg.lora.targets == "all-linear" and cfg.data.heldout_clients == 3
+    assert sum(c.heldout for c in load_clients(cfg)) == 3

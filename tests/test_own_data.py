@@ -117,3 +117,18 @@ def test_the_readme_config_for_own_model_and_data_is_valid(tmp_path):
     cfg = load_config(cfg_path)
     assert cfg.lora.targets == "all-linear" and cfg.data.heldout_clients == 3
     assert sum(c.heldout for c in load_clients(cfg)) == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('data.partition="random"', "data.partition must be 'dirichlet' or 'category'"),
+        ('data.on_error="ignore"', "data.on_error must be 'raise' or 'skip'"),
+        ("data.num_clients=0", "data.num_clients must be >= 1"),
+        ("data.suite_clients=0", "data.suite_clients must be >= 1"),
+        ("data.dirichlet_alpha=0", "data.dirichlet_alpha must be > 0"),
+    ],
+)
+def test_data_settings_are_checked_before_the_model_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SMOKE, [override])

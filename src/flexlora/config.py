@@ -310,6 +310,17 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.path is required for data.kind = {d.kind!r}")
         if not Path(d.path).exists():
             raise ConfigError(f"data.path: {d.path} does not exist")
+    if d.partition not in ("dirichlet", "category"):
+        raise ConfigError(f"data.partition must be 'dirichlet' or 'category', got {d.partition!r}")
+    if d.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {d.on_error!r}")
+    for key in ("suite_clients", "suite_examples", "suite_eval", "num_clients"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    if not d.dirichlet_alpha > 0:
+        raise ConfigError(f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     _validate_heldout(d)
     if cfg.model.source not in ("smollm2", "tiny") and not Path(cfg.model.source).exists():
         raise ConfigError(f"model.source: {cfg.model.source} does not exist (use 'smollm2', 'tiny', a model directory or a .gguf file)")

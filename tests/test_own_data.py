@@ -132,3 +132,14 @@ def test_the_readme_config_for_own_model_and_data_is_valid(tmp_path):
 def test_data_settings_are_checked_before_the_model_loads(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SMOKE, [override])
+
+
+def test_a_split_the_heldout_clients_lack_is_said_at_start_not_after_training(tmp_path, capsys, tiny_model, tiny_tokenizer):
+    import copy
+
+    from flexlora.simulate import Simulation
+
+    cfg = load_config(SMOKE, ['eval.split="test"', "federation.rounds=1", "train.max_steps=1", "federation.clients_per_round=2"])
+    summary = Simulation(cfg, tmp_path / "run", model=copy.deepcopy(tiny_model), tokenizer=tiny_tokenizer, progress=False).run()
+    assert "held-out clients have no examples in split 'test'" in capsys.readouterr().err
+    assert summary["rouge_l_weighted"] is None and "split 'test'" in summary["eval_note"]

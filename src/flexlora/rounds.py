@@ -81,7 +81,7 @@ def build_federation(cfg: "RunConfig", clients: Sequence["ClientData"], shapes: 
     from flexlora.config import ConfigError
 
     train = [c for c in clients if not c.heldout and c.train]
-    heldout = sorted((c for c in clients if c.heldout and c.eval), key=lambda c: c.client_id)
+    heldout = sorted((c for c in clients if c.heldout and (c.eval if cfg.eval.split == "eval" else c.test)), key=lambda c: c.client_id)
     if not train:
         raise ConfigError("the data has no training clients (every client is held out or empty)")
     assert not {c.client_id for c in train} & {c.client_id for c in heldout}

@@ -3,7 +3,6 @@ and adapters whose initialisation changed the base weights refused. Plus what ag
 
 import json
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -3,6 +3,7 @@ module groups from the architecture (or lora.groups), and a run that says what i
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ from flexlora.simulate import Simulation
 from flexlora.data.types import ClientData, Example
 from flexlora.train import TrainConfig, apply_dense_delta, sparse_mask, train_client_sparse
 
-from test_own_data import SMOKE
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+
 
 SMALL = dict(vocab_size=96)
 

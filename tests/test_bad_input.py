@@ -1,11 +1,13 @@
 """Bad input anywhere in the CLI: one line naming the problem, exit 2, before any work."""
 
 import json
+from pathlib import Path
 
 from flexlora.cli import main
 
-from test_own_data import SMOKE
 from tiny import make_peft_adapter
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
 
 
 def _one_error_line(capsys) -> str:

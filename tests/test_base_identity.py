@@ -2,6 +2,7 @@
 and adapters whose initialisation changed the base weights refused. Plus what aggregate reports."""
 
 import json
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -9,8 +10,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from flexlora.cli import main
 
-from test_own_data import SMOKE
 from tiny import make_peft_adapter, tiny_llama
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
 
 
 def _save(model, path, seed, **lora):

@@ -43,6 +43,7 @@ def base_config(quick: bool, rounds: int) -> dict[str, Any]:
         base = load_config_dict(ROOT / "configs" / "demo.toml")
         base["eval"] = {**base.get("eval", {}), "at_start": False, "every": 0}  # one evaluation, at the end
     base.pop("compare", None)
+    base["eval"] = {**base.get("eval", {}), "eval_loss": True}  # the held-out loss: smoother than Rouge-L at this scale
     base["federation"] = {**base.get("federation", {}), "rounds": rounds}
     return base
 
@@ -109,6 +110,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 if r["epsilon"] is None and r[key] is not None:
                     ax.axhline(r[key], color=color, linestyle="--", label=f"{method}, no DP")
         ax.set_xscale("log")
+        if not ax.lines:
+            continue
         ax.set_xlabel("epsilon (delta = 1e-5)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)

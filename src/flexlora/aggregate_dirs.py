@@ -17,7 +17,7 @@ import torch
 from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.fsutil import atomic_directory, check_output_folder, mark_output
 from flexlora.methods import get_method
-from flexlora.peft_io import AdapterError, read_adapter, write_adapter
+from flexlora.peft_io import Adapter, AdapterError, read_adapter, write_adapter
 from flexlora.update import LoraFactors, ModuleSpec, UpdateError, normalise_weights
 from flexlora.validate import validate_update
 
@@ -29,9 +29,14 @@ def aggregate_adapter_dirs(
     weights: Sequence[float] | None = None,
     method_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    allow_different_base: bool = False,
 ) -> dict[str, Any]:
     """Read adapters, aggregate, write each input's share under ``out/<input name>/``,
-    the global update under ``out/global/`` and ``out/report.json``. Returns the report."""
+    the global update under ``out/global/`` and ``out/report.json``. Returns the report.
+
+    Every input must adapt the same layers at the same shapes (the same base model, whatever the
+    adapters call it); base-model names that still differ once spelling is set aside are refused
+    unless ``allow_different_base``."""
     t0 = time.perf_counter()
     out = Path(out)
     if not inputs:
@@ -48,13 +53,8 @@ def aggregate_adapter_dirs(
 
     adapters = [read_adapter(p) for p in paths]
     t_read = time.perf_counter()
-    base_models = {a.base_model for a in adapters if a.base_model}
-    if len(base_models) > 1:
-        by = {a.base_model: a.path for a in adapters if a.base_model}
-        first, second = list(by.items())[:2]
-        raise AdapterError(
-            f"{second[1] / 'adapter_config.json'}: base model {second[0]!r} differs from {first[0]!r} of {first[1]}"
-        )
+    check_same_model(adapters)
+    base_models = check_same_base_name(adapters, allow_different_base)
     p = [1.0] * len(adapters) if weights is None else list(weights)
     p = normalise_weights(p, [a.to_update() for a in adapters])
     updates = [a.to_update(client_id=name, num_examples=1) for a, name in zip(adapters, names)]
@@ -64,7 +64,7 @@ def aggregate_adapter_dirs(
         if problems:
             raise AdapterError(f"{a.path / 'adapter_model.safetensors'}: {problems[0]}")
 
-    method.check_specs([a.specs for a in adapters])
+    method.check_specs([a.specs for a in adapters], labels=[str(a.path) for a in adapters])
     state = method.aggregate(updates, weights=p)
     t_agg = time.perf_counter()
 
@@ -90,7 +90,7 @@ def aggregate_adapter_dirs(
             "options": {k: str(v) for k, v in options.items()},
             "inputs": [str(x) for x in paths],
             "weights": dict(zip(names, p)),
-            "base_model": base_models.pop() if base_models else None,
+            "base_model": base_models[0] if len(base_models) == 1 else (base_models or None),
             "merge_into_base": bool(state.info.get("merge_into_base", False)),
             "global_adapter": "global/" if g_factors else None,
             "summary": summarise(diag),
@@ -117,3 +117,63 @@ def output_names(paths: Sequence[Path]) -> list[str]:
         if len(set(names)) == len(names):
             return names
     raise UpdateError("the same adapter folder is given twice")
+
+
+def check_same_model(adapters: Sequence[Adapter]) -> None:
+    """Adapters of one base model adapt the same layers at the same shapes: what their layer names
+    and shapes say decides, whether or not the adapters name their base model."""
+    ref = adapters[0]
+    ref_shapes = {n: (f.d_out, f.d_in) for n, f in ref.modules.items()}
+    for a in adapters[1:]:
+        shapes = {n: (f.d_out, f.d_in) for n, f in a.modules.items()}
+        if set(shapes) != set(ref_shapes):
+            only_a, only_ref = sorted(set(shapes) - set(ref_shapes)), sorted(set(ref_shapes) - set(shapes))
+            raise AdapterError(
+                f"{a.path} and {ref.path} adapt different layers ({len(only_a)} only in {a.path}, e.g. {only_a[:2]}; "
+                f"{len(only_ref)} only in {ref.path}, e.g. {only_ref[:2]}): they were made for different models or with different target_modules"
+            )
+        for n, shape in shapes.items():
+            if shape != ref_shapes[n]:
+                raise AdapterError(
+                    f"{a.path} and {ref.path} were made for different models: layer {n} is {shape[0]}x{shape[1]} in {a.path} "
+                    f"but {ref_shapes[n][0]}x{ref_shapes[n][1]} in {ref.path}"
+                )
+
+
+def base_model_key(name: str) -> str:
+    """A base-model name with its spelling set aside: a local path resolved (trailing slashes, ``./``,
+    relative vs absolute), a hub id as it is."""
+    stripped = name.rstrip("/\\") or name
+    path = Path(stripped).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return os.path.normpath(stripped)
+
+
+def _same_base(a: str, b: str) -> bool:
+    """Equal once spelled alike, or one a relative path that the other (absolute) path ends with
+    (the adapters were made from different working directories)."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    for rel, absolute in ((pa, pb), (pb, pa)):
+        if rel.parts and not rel.is_absolute() and absolute.is_absolute() and ".." not in rel.parts and absolute.parts[-len(rel.parts) :] == rel.parts:
+            return True
+    return False
+
+
+def check_same_base_name(adapters: Sequence[Adapter], allow_different_base: bool) -> list[str]:
+    """The distinct base-model names the adapters give (spelling set aside); different names are
+    refused unless ``allow_different_base`` (the user knows, e.g., that a renamed copy is the same model)."""
+    named = [(a, base_model_key(a.base_model)) for a in adapters if a.base_model]
+    distinct: list[tuple[Adapter, str]] = []
+    for a, key in named:
+        if not any(_same_base(key, k) for _, k in distinct):
+            distinct.append((a, key))
+    if len(distinct) > 1 and not allow_different_base:
+        (first, _), (second, _) = distinct[:2]
+        raise AdapterError(
+            f"{second.path / 'adapter_config.json'}: base model {second.base_model!r} differs from {first.base_model!r} of {first.path}; "
+            "if they are the same model, pass --allow-different-base"
+        )
+    return [a.base_model for a, _ in distinct]

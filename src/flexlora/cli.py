@@ -73,7 +73,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--option dtype={options['dtype']}: the server computes in one of {list(SERVER_DTYPES)}")
         options["dtype"] = resolve_dtype(str(options["dtype"]))
     report = aggregate_adapter_dirs(
-        args.adapters, args.method, args.out, weights=_parse_weights(args.weights), method_options=options, overwrite=args.overwrite
+        args.adapters, args.method, args.out, weights=_parse_weights(args.weights), method_options=options, overwrite=args.overwrite,
+        allow_different_base=args.allow_different_base,
     )
     summary = report["summary"]
     print(
@@ -82,6 +83,16 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         f"mean rel. error vs exact average {summary.get('rel_error_vs_exact', 0):.2e}, "
         f"aggregation {report['timings_s']['aggregate']:.2f}s)"
     )
+    if report["merge_into_base"]:
+        from pathlib import Path
+
+        print(
+            f"{report['method']}: merge {Path(args.out) / 'global'} into the base model first "
+            "(PeftModel.from_pretrained(base, that folder).merge_and_unload()); the per-input folders are fresh B = 0 adapters "
+            "to train next on the merged model, not the aggregate"
+        )
+    if isinstance(report.get("base_model"), list):
+        print(f"{report['method']}: --allow-different-base: the inputs name different base models {report['base_model']}")
     return 0
 
 
@@ -168,7 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flexlora.evaluate import evaluate_clients
     from flexlora.fsutil import atomic_write_text
     from flexlora.models import load_model
-    from flexlora.simulate import load_clients
+    from flexlora.rounds import eval_subset
+    from flexlora.simulate import load_clients, why_nothing_to_evaluate
 
     overrides = _overrides(args)
     if args.data:
@@ -176,21 +188,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.model:
         overrides.append(f'model.source="{args.model}"')
     cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; eval writes one JSON file (e.g. {out / 'eval.json'})")
+    all_clients = load_clients(cfg)
+    split = cfg.eval.split
+    clients = eval_subset(sorted((c for c in all_clients if (c.heldout or args.all_clients) and (c.eval if split == "eval" else c.test)), key=lambda c: c.client_id), cfg.eval.clients)
+    if not clients:  # before the model is loaded
+        why = "no client has examples in split " + repr(split) if args.all_clients else why_nothing_to_evaluate(cfg, all_clients)
+        hint = "" if args.all_clients else "; --all-clients evaluates every client's eval split"
+        raise ConfigError(f"nothing to evaluate: {why}{hint}")
+    if args.adapter:
+        from flexlora.peft_io import read_adapter
+
+        read_adapter(args.adapter)  # a clear error for a broken adapter before the model is loaded
     model, tokenizer = load_model(cfg.model)
     if args.adapter:
         from peft import PeftModel
 
-        from flexlora.peft_io import read_adapter
-
-        read_adapter(args.adapter)  # a clear error for a broken adapter before PEFT sees it
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    clients = [c for c in load_clients(cfg) if (c.heldout or args.all_clients) and c.eval]
-    if cfg.eval.clients:
-        clients = clients[: cfg.eval.clients]
     ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
     result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
     result["adapter"] = args.adapter
-    out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
     print(f"Rouge-L (weighted) {result['rouge_l_weighted']:.2f}, mean {result['rouge_l_mean']:.2f} over {len(clients)} clients -> {out}")
     return 0
@@ -209,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--weights", help="comma-separated weights, one per adapter (e.g. training-set sizes); default: equal")
     agg.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. singular_values=sqrt")
     agg.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    agg.add_argument(
+        "--allow-different-base", action="store_true",
+        help="aggregate adapters whose base-model names differ (layers and shapes must still agree): for users who know they are the same model",
+    )
     agg.set_defaults(func=cmd_aggregate)
 
     run = sub.add_parser("run", help="a federated fine-tuning run in one process")
@@ -252,11 +275,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
-        print(f"flexlora {args.command}: error: {e}", file=sys.stderr)
+        print(f"flexlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as e:  # method options and similar
-        print(f"flexlora {args.command}: error: {e}", file=sys.stderr)
+        print(f"flexlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # a path the user gave that cannot be read or written
+        print(f"flexlora {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's first line (some libraries' messages run over several)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.evaluate import EvalConfig
 from flexlora.methods import METHODS
-from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_quantization, resolve_device, resolve_model_dtype
+from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
 
@@ -29,11 +29,19 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """``kind``: "suite" (built-in tasks, the default), "ni" (Natural Instructions, ``path``), or
-    "instruct" (Dolly-style JSON/JSONL with categories, ``path``, partitioned over clients)."""
+    "instruct" (Dolly-style JSON/JSONL with categories, ``path``, partitioned over clients).
+
+    Held-out clients (never trained, evaluated zero-shot) exist for every kind: ``heldout_file``
+    (a JSON list of client ids, or ``{"client_ids": [...]}``) names them for any kind; otherwise
+    ``heldout_clients`` (a count) or ``heldout_fraction`` choose them: for instruct data a seeded
+    random set of the partitioned clients (default 10%, at least one), for the suite the number
+    of held-out tasks (default one per category, 8). NI data marks its own held-out clients."""
 
     kind: str = "suite"
     path: str | None = None
     heldout_file: str | None = None
+    heldout_clients: int | None = None
+    heldout_fraction: float | None = None
     # suite
     suite_clients: int = 24
     suite_examples: int = 32
@@ -51,8 +59,14 @@ class DataConfig:
 
 @dataclass
 class LoraSettings:
+    """``targets``: layer names (a name matches a layer whose name is it or ends in ``.name``) or
+    ``"all-linear"`` (every linear / Conv1D layer but the output layer). ``groups`` names layers
+    whose module group (the key a resource type ranks: attention, mlp) the architecture does not
+    tell, e.g. ``{ mlp = ["wi", "wo"] }``; explicit entries win over the derived groups."""
+
     alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    groups: dict[str, list[str]] = field(default_factory=dict)
     rank_scale: float = 1.0
     cap_at_width: bool = True
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023): high ranks learn as fast as low ones
@@ -295,6 +309,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train: lr must be > 0, batch_size and grad_accum >= 1, max_length >= 16")
     if tr.template not in ("alpaca", "chat"):
         raise ConfigError(f"train.template must be 'alpaca' or 'chat', got {tr.template!r}")
+    targets = cfg.lora.targets
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ConfigError(f"lora.targets: {targets!r} is neither a list of layer names nor \"all-linear\"")
+    if not isinstance(targets, (str, list)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"lora.targets must be \"all-linear\" or a non-empty list of layer names, got {targets!r}")
     if res.mode not in ("types", "budget"):
         raise ConfigError(f"resources.mode must be 'types' or 'budget', got {res.mode!r}")
     types = {**PAPER_TYPES, **res.types}
@@ -315,8 +334,25 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.path is required for data.kind = {d.kind!r}")
         if not Path(d.path).exists():
             raise ConfigError(f"data.path: {d.path} does not exist")
+    if d.partition not in ("dirichlet", "category"):
+        raise ConfigError(f"data.partition must be 'dirichlet' or 'category', got {d.partition!r}")
+    if d.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error must be 'raise' or 'skip', got {d.on_error!r}")
+    for key in ("suite_clients", "suite_examples", "suite_eval", "num_clients"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+    if not d.dirichlet_alpha > 0:
+        raise ConfigError(f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    _validate_heldout(d)
     if cfg.model.source not in ("smollm2", "tiny") and not Path(cfg.model.source).exists():
         raise ConfigError(f"model.source: {cfg.model.source} does not exist (use 'smollm2', 'tiny', a model directory or a .gguf file)")
+    if Path(cfg.model.source).is_dir():
+        try:
+            check_model_folder(Path(cfg.model.source))
+        except ModelError as e:
+            raise ConfigError(f"model.source: {e}") from None
     if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {['auto', *sorted(DTYPES)]}")
     try:
@@ -372,6 +408,37 @@ def _validate_privacy(cfg: RunConfig) -> None:
         raise ConfigError("privacy: SLoRA's stage 1 sends sparse full-weight updates, which the DP mechanism does not cover; use fedit or fedavg")
     if fed.min_clients > 1:
         raise ConfigError("privacy: federation.min_clients must be 1 under DP (skipping a round because few clients came would reveal how many did)")
+
+
+def _validate_heldout(d: DataConfig) -> None:
+    """One source of held-out clients, of a size the data kind can give."""
+    from flexlora.data.suite import SUITE_CATEGORIES, SUITE_TASKS
+
+    given = [k for k in ("heldout_file", "heldout_clients", "heldout_fraction") if getattr(d, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"data: set one of {', '.join('data.' + k for k in given)}, not several (they all choose the held-out clients)")
+    if d.heldout_file is not None and not Path(d.heldout_file).is_file():
+        raise ConfigError(f"data.heldout_file: {d.heldout_file} is not a file")
+    if d.kind == "ni" and (d.heldout_clients is not None or d.heldout_fraction is not None):
+        raise ConfigError("data.heldout_clients / data.heldout_fraction apply to suite and instruct data; NI data marks its held-out clients itself (or use data.heldout_file)")
+    if d.heldout_clients is not None and d.heldout_clients < 0:
+        raise ConfigError(f"data.heldout_clients must be >= 0, got {d.heldout_clients}")
+    if d.heldout_fraction is not None and not 0 <= d.heldout_fraction < 1:
+        raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
+    max_tasks = len(SUITE_TASKS) - len(SUITE_CATEGORIES)
+    if d.kind == "suite" and suite_heldout_tasks(d) is not None and suite_heldout_tasks(d) > max_tasks:
+        raise ConfigError(f"data.heldout_clients: the suite can hold out at most {max_tasks} of its {len(SUITE_TASKS)} tasks (each category keeps a training task)")
+
+
+def suite_heldout_tasks(d: DataConfig) -> int | None:
+    """The suite's held-out tasks (one held-out client each); None: the suite's default."""
+    from flexlora.data.suite import SUITE_TASKS
+
+    if d.heldout_clients is not None:
+        return d.heldout_clients
+    if d.heldout_fraction is not None:
+        return int(d.heldout_fraction * len(SUITE_TASKS) + 0.5)
+    return None
 
 
 # -- comparing configs: what makes a checkpoint unusable ---------------------------------------

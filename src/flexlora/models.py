@@ -117,6 +117,20 @@ def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
         raise ModelError(f"model.quantization = {cfg.quantization!r} needs bitsandbytes: pip install 'flexlora[qlora]'")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder holds a transformers config and a tokenizer (nothing is downloaded)."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (expected a local transformers model directory)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{path}: no tokenizer in the model folder (none of {', '.join(TOKENIZER_FILES[:4])}, ...); "
+            "save it there with tokenizer.save_pretrained(folder)"
+        )
+
+
 def _cache_root(cfg: ModelConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("FLEXLORA_CACHE") or Path.home() / ".cache" / "flexlora")
 
@@ -141,7 +155,12 @@ def load_tokenizer(cfg: ModelConfig):
                 raise ModelError(f"{path}: GGUF file not found")
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         elif path.is_dir():
-            tok = AutoTokenizer.from_pretrained(str(path))
+            check_model_folder(path)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError, TypeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelError(f"{path}: its tokenizer cannot be loaded ({first})") from None
         else:
             raise ModelError(f"{path}: not a model directory, a .gguf file, 'smollm2' or 'tiny'")
     if tok.pad_token_id is None:
@@ -267,3 +286,43 @@ def plain_head_parts(model) -> tuple[Any, Any] | None:
     if decoder is None or decoder is base or not isinstance(head, torch.nn.Linear):
         return None
     return decoder, head
+
+
+# -- the layers LoRA adapts ----------------------------------------------------------------------------
+def _conv1d_class():
+    """transformers' Conv1D (GPT-2 style: a linear layer whose weight is stored (in, out))."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency of every model path
+        return None
+    return Conv1D
+
+
+def linear_shape(module) -> tuple[int, int] | None:
+    """(d_out, d_in) of a layer LoRA can adapt (``nn.Linear`` or GPT-2's ``Conv1D``), else None."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        d_in, d_out = module.weight.shape
+        return int(d_out), int(d_in)
+    return None
+
+
+def weight_is_transposed(module) -> bool:
+    """True for Conv1D: its weight is (d_in, d_out), the transpose of a LoRA update ``B @ A``
+    (what PEFT calls ``fan_in_fan_out``)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def adaptable_layers(model) -> dict[str, tuple[int, int]]:
+    """{name: (d_out, d_in)} of every linear layer except the output layer: what PEFT's
+    ``target_modules="all-linear"`` adapts."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None and module is not head and name.rsplit(".", 1)[-1] not in ("lm_head", "score"):
+            out[name] = shape
+    return out

@@ -32,6 +32,11 @@ _UNSUPPORTED = {
 }
 
 
+# PEFT initialisations that leave the base weights as they are (B A = 0 at the start); the others
+# (pissa, olora, corda, loftq, lora_ga, ...) subtract their initial factors from the base weights.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal")
+
+
 class AdapterError(UpdateError):
     """An adapter directory is missing, malformed, or inconsistent; the message names file and module."""
 
@@ -84,6 +89,13 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     for key, why in _UNSUPPORTED.items():
         if config.get(key):
             raise AdapterError(f"{cfg_path}: {why}")
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in PLAIN_INITS):
+        raise AdapterError(
+            f"{cfg_path}: init_lora_weights = {init!r} changed the base model's weights when the adapter was made, so its factors are "
+            "no plain LoRA update of the original base; save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+            "(which makes it plain LoRA, init_lora_weights = true) and aggregate that"
+        )
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -22,9 +22,17 @@ from flexlora.update import ModuleSpec
 
 ATTENTION = "attention"
 MLP = "mlp"
+ALL_LINEAR = "all-linear"  # lora.targets: every linear layer but the output layer (PEFT's name for it)
+# Layer names whose group is known across the families PEFT supports (Llama/Mistral/Qwen/Gemma,
+# OPT, Falcon, GPT-NeoX, Phi, GPT-2, MPT). Names like GPT-2's c_proj or Falcon's dense sit in both
+# kinds of block; their parent module decides (see :func:`module_group`).
 DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
-    ATTENTION: ("q_proj", "k_proj", "v_proj", "o_proj"),
-    MLP: ("gate_proj", "up_proj", "down_proj"),
+    ATTENTION: ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "query", "key", "value"),
+    MLP: ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "fc_in", "fc_out", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"),
+}
+_GROUP_PARENTS: dict[str, tuple[str, ...]] = {
+    ATTENTION: ("attn", "attention", "self_attn", "self_attention"),
+    MLP: ("mlp", "ffn", "feed_forward", "feedforward"),
 }
 PAPER_TYPES: dict[str, dict[str, int]] = {
     "type1": {ATTENTION: 8, MLP: 8},
@@ -53,13 +61,47 @@ class ResourceError(ValueError):
     """A resource configuration problem (unknown type, rank larger than a layer, ...)."""
 
 
-def module_group(name: str, groups: Mapping[str, Sequence[str]] = DEFAULT_GROUPS) -> str:
-    """The group ('attention', 'mlp', ...) a module belongs to, by the last part of its name."""
-    leaf = name.rsplit(".", 1)[-1]
-    for group, leaves in groups.items():
-        if leaf in leaves:
+def module_group(name: str, groups: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The group ('attention', 'mlp', ...) whose rank a module gets.
+
+    ``groups`` (``lora.groups``) decides first: an entry matches a module whose name is it or ends
+    in ``.entry`` (so ``"attn.c_proj"`` picks GPT-2's attention output, ``"c_proj"`` both), the
+    longest matching entry wins. Otherwise the architecture decides: the nearest parent module
+    named like an attention or MLP block (``self_attn``, ``attn``, ``mlp``, ...), else the layer's
+    own name if it is a known one (``q_proj``, ``fc1``, ``query_key_value``, ...).
+    """
+    best: tuple[int, str] | None = None
+    for group, entries in (groups or {}).items():
+        for entry in entries:
+            if (name == entry or name.endswith("." + entry)) and (best is None or len(entry) > best[0]):
+                best = (len(entry), group)
+    if best is not None:
+        return best[1]
+    parts = name.split(".")
+    for parent in reversed(parts[:-1]):
+        for group, parents in _GROUP_PARENTS.items():
+            if parent in parents:
+                return group
+    for group, leaves in DEFAULT_GROUPS.items():
+        if parts[-1] in leaves:
             return group
-    raise ResourceError(f"module {name!r} is in no module group {dict(groups)}; add its name to a group")
+    raise ResourceError(
+        f"module {name!r} is in no module group: neither its parent modules nor its name say whether it is attention or MLP; "
+        f"set lora.groups, e.g. lora.groups = {{ {ATTENTION} = [...], {MLP} = [\"{parts[-1]}\"] }}"
+    )
+
+
+def group_members(names: Sequence[str], groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """{group: sorted distinct layer names (last name part, or ``parent.leaf`` where a leaf sits in two groups)}."""
+    by_group: dict[str, set[str]] = {}
+    leaf_groups: dict[str, set[str]] = {}
+    for name in names:
+        leaf_groups.setdefault(name.rsplit(".", 1)[-1], set()).add(module_group(name, groups))
+    for name in names:
+        parts = name.split(".")
+        label = ".".join(parts[-2:]) if len(leaf_groups[parts[-1]]) > 1 and len(parts) > 1 else parts[-1]
+        by_group.setdefault(module_group(name, groups), set()).add(label)
+    return {g: sorted(v) for g, v in sorted(by_group.items())}
 
 
 def assign_types(client_ids: Sequence[int], distribution: Mapping[str, float], seed: int) -> dict[int, str]:
@@ -88,7 +130,7 @@ class RankPolicy:
     rank_scale: float = 1.0  # multiply every rank (for narrow models); at least 1
     cap_at_width: bool = True  # cap r at min(d_out, d_in): a larger rank adds nothing
     rslora: bool = False  # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r
-    groups: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_GROUPS))
+    groups: Mapping[str, Sequence[str]] = field(default_factory=dict)  # lora.groups: explicit names; the architecture decides the rest
 
     def module_ranks(self, group_ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> tuple[dict[str, ModuleSpec], list[str]]:
         """Per-module specs for a client, and notes on every rank that was scaled or capped."""
@@ -130,15 +172,37 @@ class BudgetPolicy:
         return fitting[-1] if fitting else min(self.ranks)
 
 
-def target_module_names(model, leaves: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """{full module name: (d_out, d_in)} of the linear layers whose last name part is in ``leaves``."""
-    import torch
+def target_module_names(model, targets: Sequence[str] | str) -> dict[str, tuple[int, int]]:
+    """{full module name: (d_out, d_in)} of the layers LoRA trains: ``"all-linear"`` (every linear
+    layer but the output layer), or the linear / Conv1D layers whose name is or ends in ``.name``
+    for a name in ``targets``."""
+    from flexlora.models import adaptable_layers
 
-    pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, leaves))})$")
-    shapes = {}
-    for name, module in model.named_modules():
-        if pattern.search(name) and isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
+    layers = adaptable_layers(model)
+    if targets == ALL_LINEAR or list(targets) == [ALL_LINEAR]:
+        if not layers:
+            raise ResourceError("the model has no linear layers to adapt")
+        return layers
+    pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, targets))})$")
+    shapes = {name: shape for name, shape in layers.items() if pattern.search(name)}
     if not shapes:
-        raise ResourceError(f"the model has no linear layers named {list(leaves)}")
+        raise ResourceError(
+            f"lora.targets {list(targets)} names no linear layer of this model; its layers are named {layer_leaves(layers)} "
+            f"(or set lora.targets = \"{ALL_LINEAR}\")"
+        )
     return shapes
+
+
+def layer_leaves(names) -> list[str]:
+    """The distinct last name parts of layer names, in model order."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+
+
+def unmatched_targets(model, targets: Sequence[str] | str) -> list[str]:
+    """The names in ``lora.targets`` that match no layer of the model (they train nothing)."""
+    if targets == ALL_LINEAR or list(targets) == [ALL_LINEAR]:
+        return []
+    from flexlora.models import adaptable_layers
+
+    names = list(adaptable_layers(model))
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]

@@ -69,7 +69,7 @@ class Federation:
 
 def rank_policy(cfg: "RunConfig") -> RankPolicy:
     lora = cfg.lora
-    return RankPolicy(alpha=lora.alpha, rank_scale=lora.rank_scale, cap_at_width=lora.cap_at_width, rslora=lora.rslora)
+    return RankPolicy(alpha=lora.alpha, rank_scale=lora.rank_scale, cap_at_width=lora.cap_at_width, rslora=lora.rslora, groups=dict(lora.groups))
 
 
 def resource_types(cfg: "RunConfig") -> dict[str, dict[str, int]]:
@@ -82,7 +82,7 @@ def build_federation(cfg: "RunConfig", clients: Sequence["ClientData"], shapes: 
     from flexlora.config import ConfigError
 
     train = [c for c in clients if not c.heldout and c.train]
-    heldout = sorted((c for c in clients if c.heldout and c.eval), key=lambda c: c.client_id)
+    heldout = sorted((c for c in clients if c.heldout and (c.eval if cfg.eval.split == "eval" else c.test)), key=lambda c: c.client_id)
     if not train:
         raise ConfigError("the data has no training clients (every client is held out or empty)")
     assert not {c.client_id for c in train} & {c.client_id for c in heldout}
@@ -96,9 +96,14 @@ def build_federation(cfg: "RunConfig", clients: Sequence["ClientData"], shapes: 
         except ValueError as e:
             raise ConfigError(f"resources: {e}") from None
         notes.update(n)
-    if len(heldout) > cfg.eval.clients:  # a fixed, spread-out subset
-        heldout = sorted(random.Random(0).sample(heldout, cfg.eval.clients), key=lambda c: c.client_id)
-    return Federation(train, heldout, dict(shapes), types, specs, sorted(notes))
+    return Federation(train, eval_subset(heldout, cfg.eval.clients), dict(shapes), types, specs, sorted(notes))
+
+
+def eval_subset(clients: Sequence["ClientData"], count: int) -> list["ClientData"]:
+    """The clients evaluated: all when there are at most ``count``, else a fixed spread-out subset
+    (seed 0: the same for every run seed and method, and for ``flexlora eval``)."""
+    chosen = list(clients) if len(clients) <= count else random.Random(0).sample(list(clients), count)
+    return sorted(chosen, key=lambda c: c.client_id)
 
 
 def clients_per_round(fed_cfg, num_clients: int) -> int:
@@ -221,7 +226,7 @@ class RoundEngine:
         """Replace who trains (the Flower server: the nodes that answered, at the ranks they declared)."""
         self.fed = federation
         if self.cfg.resources.mode == "types":
-            self.method.check_specs(list(federation.specs.values()))
+            self.method.check_specs(list(federation.specs.values()), labels=[f"client {cid}" for cid in federation.specs])
 
     def sample(self, rnd: int) -> list["ClientData"]:
         return sample_clients(self.fed.train_clients, self.cfg.federation, rnd, self.cfg.privacy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +27,9 @@ from flexlora.evaluate import EvalConfig, evaluate_clients
 from flexlora.failures import draw_failure, garbage_update
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
-from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype
+from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
 from flexlora.peft_io import write_adapter
-from flexlora.resources import target_module_names
+from flexlora.resources import group_members, module_group, target_module_names, unmatched_targets
 from flexlora.rounds import (
     ClientStatus,
     Federation,
@@ -49,11 +50,18 @@ RoundFn = Callable[[int, ServerState, Any], "tuple[dict[str, Any], ServerState]"
 
 
 def load_clients(cfg: RunConfig) -> list[ClientData]:
+    """The run's clients, held-out ones marked (see :class:`flexlora.config.DataConfig`)."""
+    from flexlora.config import suite_heldout_tasks
+    from flexlora.data.instruct import heldout_count, mark_heldout, seeded_heldout_ids
+    from flexlora.data.ni import read_heldout_file
+
     d = cfg.data
     if d.kind == "suite":
         from flexlora.data.suite import make_suite
 
-        clients = make_suite(d.suite_clients, d.suite_examples, d.suite_eval, seed=cfg.federation.seed)
+        clients = make_suite(d.suite_clients, d.suite_examples, d.suite_eval, seed=cfg.federation.seed, heldout_tasks=suite_heldout_tasks(d))
+        if d.heldout_file:
+            mark_heldout(clients, read_heldout_file(d.heldout_file), d.heldout_file, evaluate_all_records=False)
     elif d.kind == "ni":
         from flexlora.data.ni import load_ni
 
@@ -68,7 +76,35 @@ def load_clients(cfg: RunConfig) -> list[ClientData]:
             clients = partition_by_category(records, eval_fraction=d.eval_fraction, seed=cfg.federation.seed)
         else:
             clients = partition_dirichlet(records, d.num_clients, d.dirichlet_alpha, cfg.federation.seed, eval_fraction=d.eval_fraction)
+        if d.heldout_file:
+            ids, source = read_heldout_file(d.heldout_file), d.heldout_file
+        else:
+            k = heldout_count(len(clients), d.heldout_clients, d.heldout_fraction)
+            ids, source = seeded_heldout_ids(clients, k, derived_seed(cfg.federation.seed, "heldout")), "data.heldout_clients"
+        mark_heldout(clients, ids, source, evaluate_all_records=True)
     return clients
+
+
+def why_nothing_to_evaluate(cfg: RunConfig, clients: list[ClientData]) -> str | None:
+    """None when some held-out client has examples to evaluate; otherwise why not, naming the key to change."""
+    split = cfg.eval.split
+    heldout = [c for c in clients if c.heldout]
+    if cfg.eval.clients == 0:
+        return "eval.clients = 0"
+    if not heldout:
+        d = cfg.data
+        if d.heldout_file:
+            how = f"{d.heldout_file} lists none of the clients"
+        elif d.kind == "ni":
+            how = "the NI data marks none and data.heldout_file is not set"
+        elif d.kind == "instruct" and len(clients) < 2:
+            how = f"the data makes {len(clients)} client, which must train; more clients (data.num_clients) or data.heldout_file"
+        else:
+            how = "data.heldout_clients / data.heldout_fraction hold out none; set one of them (or data.heldout_file)"
+        return f"no held-out clients: {how}"
+    if not any(c.eval if split == "eval" else c.test for c in heldout):
+        return f"the {len(heldout)} held-out clients have no examples in split {split!r} (eval.split)"
+    return None
 
 
 class Simulation(SparseWarmup):
@@ -85,7 +121,7 @@ class Simulation(SparseWarmup):
         self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
         self.method = self._method()
         self.engine = RoundEngine(cfg, build_federation(cfg, self.clients, target_module_names(self.model, cfg.lora.targets)), self.method, self.server_dtype)
-        self.method.check_specs(list(self.fed.specs.values()))
+        self.method.check_specs(list(self.fed.specs.values()), labels=[f"client {cid} ({self.fed.types.get(cid)})" for cid in self.fed.specs])
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, self.method.local_training(cfg.train), self.method.local_penalty(cfg.train))
         # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
         # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)
@@ -158,6 +194,8 @@ class Simulation(SparseWarmup):
             (self.out / METRICS).unlink()
         _write_metrics(self.out / METRICS, history)
         atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        for line in self.start_notes():
+            print(f"{cfg.name}: {line}", file=sys.stderr)
         self._set_base_weights()
 
         if start_round == 1 and cfg.eval.at_start and self.fed.eval_clients:
@@ -206,6 +244,48 @@ class Simulation(SparseWarmup):
                 bar.advance(rounds_task)
         summary = self.finish(state, history)
         return summary
+
+    def eval_note(self) -> str | None:
+        """Why nothing will be evaluated (None when something will)."""
+        if self.fed.eval_clients:
+            return None
+        return why_nothing_to_evaluate(self.cfg, self.clients) or "no held-out client has examples to evaluate"
+
+    def trained_modules(self) -> dict[str, Any]:
+        """Which layers the run trains, by module group, and each resource type's rank per group
+        (``"4-8"`` where capping at a layer's width makes them differ)."""
+        groups = dict(self.cfg.lora.groups)
+        members = group_members(list(self.fed.shapes), groups)
+        ranks: dict[str, dict[str, str]] = {}
+        for cid, t in sorted(self.fed.types.items()):
+            if t in ranks or cid not in self.fed.specs:
+                continue
+            per_group: dict[str, set[int]] = {}
+            for name, spec in self.fed.specs[cid].items():
+                per_group.setdefault(module_group(name, groups), set()).add(spec.rank)
+            ranks[t] = {g: (f"{min(r)}-{max(r)}" if len(r) > 1 else str(min(r))) for g, r in sorted(per_group.items())}
+        return {"layers": len(self.fed.shapes), "groups": members, "ranks": dict(sorted(ranks.items())), "unmatched_targets": unmatched_targets(self.model, self.cfg.lora.targets)}
+
+    def start_notes(self) -> list[str]:
+        """What the run trains and evaluates, said before the first round."""
+        info = self.trained_modules()
+        targets = self.cfg.lora.targets
+        lines = [
+            f"trains {info['layers']} layers (lora.targets = {targets if isinstance(targets, str) else ', '.join(targets)}): "
+            + "; ".join(f"{g}: {', '.join(m)}" for g, m in info["groups"].items())
+        ]
+        if info["ranks"]:
+            order = list(info["groups"])
+            lines.append(f"ranks ({' / '.join(order)}) per resource type: " + ", ".join(f"{t} {' / '.join(r.get(g, '-') for g in order)}" for t, r in info["ranks"].items()))
+        if info["unmatched_targets"]:
+            lines.append(
+                f"lora.targets names no layer of this model: {', '.join(info['unmatched_targets'])} (they train nothing; "
+                'lora.targets = "all-linear" trains every linear layer)'
+            )
+        note = self.eval_note()
+        if note:
+            lines.append(f"nothing will be evaluated (Rouge-L stays empty): {note}")
+        return lines
 
     def run_round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
         """One round in this process: the engine plans it, the local trainer trains every client in
@@ -332,8 +412,10 @@ class Simulation(SparseWarmup):
             "rounds": self.cfg.federation.rounds,
             "train_clients": len(self.fed.train_clients),
             "eval_clients": len(self.fed.eval_clients),
+            "eval_note": self.eval_note(),
             "type_counts": _counts(self.fed.types.values()),
             "rank_notes": self.fed.notes,
+            "modules": self.trained_modules(),
             "tokens": sum(h.get("tokens", 0) for h in rounds),
             "train_seconds": sum(h.get("timings", {}).get("train", 0.0) for h in rounds),
             "final_train_loss": rounds[-1].get("train_loss") if rounds else None,
@@ -359,7 +441,8 @@ class Simulation(SparseWarmup):
             k = max(1, int((S > S.max() * 1e-12).sum())) if S.numel() else 1
             factors[name] = LoraFactors(A=Vh[:k].float(), B=(U[:, :k] * S[:k]).float(), scale=1.0)
             specs[name] = ModuleSpec(rank=k, alpha=float(k))
-        template = {"base_model_name_or_path": str(self.cfg.model.source), "lora_dropout": self.cfg.train.lora_dropout}
+        transposed = any(weight_is_transposed(self.model.get_submodule(n)) for n in self.fed.shapes)
+        template = {"base_model_name_or_path": str(self.cfg.model.source), "lora_dropout": self.cfg.train.lora_dropout, "fan_in_fan_out": transposed}
         if factors:
             write_adapter(folder / "global", factors, specs, template=template)
         if not self.method.restarts_adapter and self.cfg.resources.mode == "types":

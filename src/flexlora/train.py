@@ -23,7 +23,7 @@ from torch import Tensor
 
 from flexlora.data.prompts import Template, encode_for_training
 from flexlora.data.types import ClientData
-from flexlora.models import plain_head_parts
+from flexlora.models import plain_head_parts, weight_is_transposed
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
 ADAPTER = "default"
@@ -206,10 +206,10 @@ def labelled_token_loss(model, batch: Mapping[str, Tensor]) -> tuple[Tensor, int
 class LocalTrainer:
     """Trains clients one at a time on one shared base model."""
 
-    def __init__(self, model, tokenizer, target_leaves: Sequence[str], cfg: TrainConfig, penalty=None) -> None:
+    def __init__(self, model, tokenizer, target_leaves: Sequence[str] | str, cfg: TrainConfig, penalty=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.target_leaves = list(target_leaves)
+        self.targets = target_leaves  # lora.targets, as configured (the spec of each client names its layers)
         self.cfg = cfg
         self.penalty = penalty  # a method's extra loss term (:class:`flexlora.methods.base.LocalPenalty`), or None
         if cfg.optimizer not in ("adamw", "sgd"):
@@ -233,6 +233,7 @@ class LocalTrainer:
             lora_dropout=self.cfg.lora_dropout,
             bias="none",
             use_rslora=any(s.rslora for s in spec.values()),
+            fan_in_fan_out=any(weight_is_transposed(self.model.get_submodule(n)) for n in spec),  # GPT-2's Conv1D
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(self.model, lora_config)
@@ -392,7 +393,8 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
     before = {name: w.detach().clone() for name, w in weights.items()}
     hooks = []
     device = _model_device(model)
-    device_masks = {name: masks[name].to(device) for name in masks}
+    # masks are (d_out, d_in) like every update; a Conv1D weight is stored transposed
+    device_masks = {name: (masks[name].T if weight_is_transposed(model.get_submodule(name)) else masks[name]).to(device) for name in masks}
     for name, w in weights.items():
         w.requires_grad_(True)
         mask = device_masks[name].to(w.dtype)
@@ -418,6 +420,7 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
         losses = loss_log.per_step()
         model.eval()
         deltas = {name: ((w.detach() - before[name]) * device_masks[name]).to("cpu", torch.float32) for name, w in weights.items()}
+        deltas = {name: (d.T.contiguous() if weight_is_transposed(model.get_submodule(name)) else d) for name, d in deltas.items()}
     finally:
         for h in hooks:
             h.remove()
@@ -439,12 +442,15 @@ def re_exact(name: str) -> str:
 
 
 def apply_dense_delta(model, deltas: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> None:
-    """Set ``W = W_original + delta`` for each named linear layer (FLoRA merges; evaluation merges)."""
+    """Set ``W = W_original + delta`` for each named linear layer (FLoRA merges; evaluation merges).
+    ``delta`` is (d_out, d_in); a Conv1D weight (GPT-2), stored (d_in, d_out), takes its transpose."""
     with torch.no_grad():
         for name, original in originals.items():
-            weight = model.get_submodule(name).weight
+            module = model.get_submodule(name)
+            weight = module.weight
             if name in deltas:
                 delta = deltas[name].to(weight.device)
+                delta = delta.T if weight_is_transposed(module) else delta
                 weight.copy_((original.to(weight.device, delta.dtype) + delta).to(weight.dtype))
             else:
                 weight.copy_(original)

@@ -217,3 +217,41 @@ def partition_by_category(records: Sequence[Record], eval_fraction: float = 0.1,
         order = rng.permutation(len(exs))
         clients.append(_make_client(cid, cat, [exs[j] for j in order], eval_fraction))
     return clients
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out clients: instruct data is evaluated like NI, on clients that never train
+
+
+def heldout_count(num_clients: int, count: int | None, fraction: float | None, default_fraction: float = 0.1) -> int:
+    """How many of ``num_clients`` clients to hold out: ``count``, else round-half-up(fraction * n)
+    (``default_fraction`` when neither is given), at least 1 for a positive fraction, and never so
+    many that no client is left to train."""
+    if count is not None:
+        k = count
+    else:
+        f = default_fraction if fraction is None else fraction
+        k = max(1, int(num_clients * f + 0.5)) if f > 0 else 0
+    return max(0, min(k, num_clients - 1))
+
+
+def mark_heldout(clients: Sequence[ClientData], ids: set[int], source: str, *, evaluate_all_records: bool) -> None:
+    """Mark exactly the clients in ``ids`` as held out (``source`` names where the ids came from in
+    errors). With ``evaluate_all_records`` a held-out client's training records join its eval split:
+    it never trains, so every one of its records is unseen (``num_train_full`` keeps its size weight)."""
+    known = {c.client_id for c in clients}
+    missing = sorted(ids - known)
+    if missing:
+        raise DataError(f"{source}: lists client ids that the data does not have: {missing[:10]} (ids are 0..{max(known)})")
+    for c in clients:
+        c.heldout = c.client_id in ids
+        if c.heldout and evaluate_all_records and c.train:
+            c.num_train_full = c.num_examples
+            c.eval, c.train = c.eval + c.train, []
+
+
+def seeded_heldout_ids(clients: Sequence[ClientData], count: int, seed: int) -> set[int]:
+    """``count`` client ids drawn with ``seed`` (the same clients for the same data and seed)."""
+    ids = sorted(c.client_id for c in clients)
+    rng = np.random.default_rng(seed)
+    return {ids[i] for i in rng.choice(len(ids), size=count, replace=False)} if count else set()

@@ -91,17 +91,19 @@ class AggregationMethod(ABC):
             raise UpdateError(f"the server state has no module {missing[0]!r} (and {len(missing) - 1} more)")
         return {name: self._share_module(state, name, state.adapter[name], s.rank, s.scale) for name, s in spec.items()}
 
-    def check_specs(self, specs: Sequence[AdapterSpec]) -> None:
-        """Refuse a federation this method cannot serve, before any training happens."""
+    def check_specs(self, specs: Sequence[AdapterSpec], labels: Sequence[str] | None = None) -> None:
+        """Refuse a federation this method cannot serve, before any training happens. ``labels``
+        name the clients in the message (input folders, client ids); default ``client <index>``."""
         if self.supports_heterogeneous_ranks or not specs:
             return
+        names = list(labels) if labels is not None else [f"client {i}" for i in range(len(specs))]
         first = specs[0]
         for i, spec in enumerate(specs):
             for name, s in spec.items():
                 if name in first and s.rank != first[name].rank:
                     raise UpdateError(
                         f"{self.name} needs every client at the same rank per module, but module {name!r} has rank "
-                        f"{first[name].rank} for client 0 and {s.rank} for client {i}; use flexlora, hetlora or "
+                        f"{first[name].rank} for {names[0]} and {s.rank} for {names[i]}; use flexlora, hetlora or "
                         f"rank_partition for heterogeneous ranks"
                     )
 

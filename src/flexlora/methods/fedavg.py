@@ -25,7 +25,7 @@ class FedAvg(AggregationMethod):
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)
-        self.check_specs([u.spec() for u in updates])
+        self.check_specs([u.spec() for u in updates], labels=[f"client {u.client_id}" for u in updates])
         adapter: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
             pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]

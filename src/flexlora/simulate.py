@@ -114,6 +114,7 @@ class Simulation(SparseWarmup):
         self.cfg = cfg
         self.out = Path(out)
         self.progress = progress
+        self.last_good: tuple[int, ServerState] | None = None  # the last finished round and its whole state
         if model is None:
             model, tokenizer = load_model(cfg.model)
         self.model, self.tokenizer = model, tokenizer
@@ -237,6 +238,7 @@ class Simulation(SparseWarmup):
                         "record": rec,
                     },
                 )
+                self.last_good = (rnd, state)  # whole, unlike a checkpoint between rounds (see RoundEngine.checkpoint_state)
                 rec["timings"]["checkpoint"] = time.perf_counter() - t_ckpt
                 rec["timings"]["round"] = time.perf_counter() - t_round  # everything above, wall clock
                 history.append(rec)

@@ -329,13 +329,16 @@ class FlowerServer:
             return
         last = max(0, self.failed_round - 1)
         ckpt = load_checkpoint(self.out) if last else None
-        if ckpt is not None and int(ckpt["round"]) == last:
+        kept = sim.last_good
+        if kept is not None and kept[0] == last:  # the whole state of the last good round, still in memory
+            state = kept[1]
+        elif ckpt is not None and int(ckpt["round"]) == last:
             state, sim.merged = state_from_dict(ckpt["state"]), ckpt["merged"]
         else:
             state, sim.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
         summary = sim.finish(state, read_metrics(self.out / METRICS, upto=last))
         summary.update(self._flower_summary(), status="stopped", error=reason, last_good_round=last)
-        if state.info.get("stored_ranks") == "servable":  # a checkpoint between rounds keeps what clients can be served
+        if state.info.get("stored_ranks") == "servable":  # only when restored from a checkpoint between rounds
             summary["final_adapters_note"] = "the top singular triplets up to the largest rank any node is served (the checkpoint of a round before the last)"
         _write_json(self.out / SUMMARY, summary)
 

@@ -88,7 +88,7 @@ def row(summary: dict[str, Any], method: str, noise: float, clip: float, run_dir
         # how far the released aggregate is from the clipped sum (the noise's relative size)
         "mean_rel_distance_from_clipped_sum": statistics.mean(r["aggregation"]["rel_error_vs_exact"] for r in rounds) if rounds else None,
         "train_seconds": summary["train_seconds"],
-        "run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
+        "run": run_dir.name,  # under --out (no machine paths in results)
     }
 
 

@@ -67,6 +67,36 @@ def test_overwrite_replaces_only_a_folder_flexlora_wrote(inputs, tmp_path, capsy
     assert not (out / "stale-share").exists() and (out / "report.json").is_file()
 
 
+def test_overwrite_killed_while_the_old_output_is_deleted_leaves_a_whole_output(inputs, tmp_path, monkeypatch):
+    """--overwrite used to delete the old output before renaming the new one into place: a process killed
+    during that deletion left a half-deleted output and no new one. Now the target is old or new, whole."""
+    import shutil
+
+    from flexlora import fsutil
+
+    work, a, b = inputs
+    out = tmp_path / "agg"
+    assert _aggregate(a, b, out) == 0
+    old = _snapshot(out)
+    real_rmtree = shutil.rmtree
+    killed = []
+
+    def rmtree_killed_halfway(path, *args, **kwargs):
+        if not killed:  # the first deletion: remove one file, then the process dies
+            killed.append(path)
+            next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+            raise KeyboardInterrupt("killed")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(fsutil.shutil, "rmtree", rmtree_killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        _aggregate(b, a, out, "--weights", "1,3", "--overwrite")
+    monkeypatch.setattr(fsutil.shutil, "rmtree", real_rmtree)
+    now = _snapshot(out)
+    assert now == old or (now.keys() == old.keys() and now != old), "a half-deleted output"
+    assert read_adapter(out / "clientA") and read_adapter(out / "clientB") and (out / "report.json").is_file()
+
+
 def test_two_inputs_with_the_same_folder_name_get_distinct_output_names(tmp_path):
     a = make_peft_adapter(tmp_path / "runA" / "checkpoint-10", seed=1, r=2)
     b = make_peft_adapter(tmp_path / "runB" / "checkpoint-10", seed=2, r=4)
@@ -95,6 +125,27 @@ def test_a_run_refuses_a_non_empty_folder_and_overwrite_replaces_a_run_whole(tmp
     assert summary["final_adapters"] == str(run / "final") and summary["type_counts"] == {"type1": 10}
     assert all(load_file(str(run / "final" / s / "adapter_model.safetensors")) for s in second)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run2")]  # no staging folder left
+
+
+def test_resume_continues_only_a_run_flexlora_wrote(inputs, tmp_path, capsys):
+    """--resume on the user's own folder used to start a run there, replacing their config.json and metrics.jsonl."""
+    sets = sum((["--set", o] for o in FAST), [])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "own settings"}')
+    (mine / "metrics.jsonl").write_text('{"my": "own measurements"}')
+    before = _snapshot(mine)
+    assert main(["run", "--config", SMOKE, "--out", str(mine), "--quiet", "--resume", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues only a run flexlora wrote" in err and str(mine) in err and err.count("\n") == 1, err
+    assert _snapshot(mine) == before and not (mine / MARKER).exists()
+    work, a, b = inputs
+    agg = tmp_path / "agg"
+    assert _aggregate(a, b, agg) == 0
+    before = _snapshot(agg)
+    assert main(["run", "--config", SMOKE, "--out", str(agg), "--quiet", "--resume", *sets]) == 2
+    assert "holds a flexlora aggregate output, not a run" in capsys.readouterr().err
+    assert _snapshot(agg) == before
 
 
 def test_bad_settings_and_inputs_give_one_line_not_a_traceback(inputs, tmp_path, capsys):

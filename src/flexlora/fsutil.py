@@ -58,11 +58,42 @@ def atomic_directory(target: Path, keep_existing: bool = False) -> Iterator[Path
             if keep_existing:
                 shutil.rmtree(tmp)
                 return
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            replace_folder(tmp, target)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target`` (a folder) and delete the old one, so that a process killed
+    at any moment leaves ``target`` whole: old or new, never half-deleted (deleting the old folder
+    first, as this once did, left a partial one when killed meanwhile)."""
+    if target.is_symlink():  # the user's link stays; the folder it names is replaced
+        target = target.resolve()
+    if _exchange(new, target):  # one atomic step: ``new`` now holds the old folder
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = new.with_name(new.name + ".old")  # no exchange here: two renames; in between both are whole on disk
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 MARKER = ".flexlora-output"  # in every folder flexlora writes: --overwrite replaces only folders that hold it
@@ -75,7 +106,7 @@ class OutputFolderError(ValueError):
 def check_output_folder(out: Path, inputs: Iterable[Path | str] = (), overwrite: bool = False, resume: bool = False) -> None:
     """Refuse, before any work, an output folder that is, contains or lies inside an input, that is
     (or contains) the working directory, or that already holds something: unless ``resume`` (the
-    caller resumes what is there) or ``overwrite`` of a folder flexlora itself wrote (it holds
+    caller resumes the flexlora run there) or ``overwrite`` of a folder flexlora itself wrote (it holds
     :data:`MARKER`; the caller replaces it only once the new result is complete)."""
     target = Path(out).resolve()  # through symlinks: a link to an input is that input
     cwd = Path.cwd().resolve()
@@ -91,7 +122,13 @@ def check_output_folder(out: Path, inputs: Iterable[Path | str] = (), overwrite:
             raise OutputFolderError(f"{out}: lies inside the input {given}; write into a new folder")
     if target.exists() and not target.is_dir():
         raise OutputFolderError(f"{out}: is a file, not a folder")
-    if resume or not (target.is_dir() and any(target.iterdir())):
+    if not (target.is_dir() and any(target.iterdir())):
+        return
+    if resume:  # a run continues only its own folder: never fills (or rewrites files in) a folder of the user's
+        kind = output_kind(target)
+        if kind != "run":
+            what = f"holds a flexlora {kind} output, not a run" if kind else f"was not written by flexlora (it holds no {MARKER})"
+            raise OutputFolderError(f"{out}: --resume continues only a run flexlora wrote; this folder {what}, so nothing was touched")
         return
     if not overwrite:
         raise OutputFolderError(f"{out}: output folder exists and is not empty (choose a new folder, --resume a run there, or --overwrite a flexlora output)")
@@ -102,3 +139,13 @@ def check_output_folder(out: Path, inputs: Iterable[Path | str] = (), overwrite:
 def mark_output(folder: Path, kind: str) -> None:
     """Sign a folder as flexlora's output (what ``--overwrite`` may replace)."""
     atomic_write_text(Path(folder) / MARKER, f'{{"written_by": "flexlora", "kind": "{kind}"}}\n')
+
+
+def output_kind(folder: Path) -> str | None:
+    """What flexlora wrote ``folder`` as ("run", "aggregate"), None when it holds no readable marker."""
+    import json
+
+    try:
+        return str(json.loads((Path(folder) / MARKER).read_text(encoding="utf-8")).get("kind")) or None
+    except (OSError, ValueError, AttributeError):
+        return None

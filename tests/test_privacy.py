@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from flexlora.config import ConfigError, load_config, validate
 from flexlora.methods import get_method
-from flexlora.privacy import Mechanism, aggregate_private, effective_change_norm, effective_update_norm, epsilon, factor_change_norm, privatize
+from flexlora.privacy import Mechanism, aggregate_private, effective_change_norm, epsilon, factor_change_norm, privatize
 from flexlora.rounds import sample_clients
 from flexlora.update import ClientUpdate, LoraFactors
+from flexlora.validate import screening_norm, update_norm
 
 from strategies import federations
 
@@ -65,7 +66,8 @@ def test_every_client_is_clipped_to_the_bound_factored_norm_equals_dense(fed, cl
     state = aggregate_private(method, private, 1, mech, None)
     factors = []
     for u in updates:
-        assert effective_update_norm(u) == pytest.approx(dense_norm(u), rel=1e-9, abs=1e-12)
+        assert update_norm(u) == pytest.approx(dense_norm(u), rel=1e-9, abs=1e-12)
+        assert screening_norm(u) == pytest.approx(dense_norm(u), rel=1e-5, abs=1e-9)  # the screen's cheap form
         assert effective_change_norm(u, served[u.client_id]) == pytest.approx(dense_norm(u), rel=1e-9, abs=1e-12)
         factors.append(min(1.0, clip / dense_norm(u)) if dense_norm(u) > 0 else 1.0)
         assert factors[-1] * dense_norm(u) <= clip * (1 + 1e-12)

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from flexlora.lowrank import factored_distance, factored_fro_norm
+from flexlora.lowrank import factored_distance
 from flexlora.methods.base import AggregationMethod
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors
 
@@ -66,11 +66,6 @@ class PrivateRound:
     weights: list[float]  # uniform: the coefficients sit on the terms' B
     noise: dict[str, Tensor] | None = None  # "sum" methods: the dense term added to the sum
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def effective_update_norm(u: ClientUpdate) -> float:
-    """``sqrt(sum_modules ||s B A||_F^2)``, exact from the factors (never the dense product when that is larger)."""
-    return math.sqrt(sum(factored_fro_norm(f.scale * f.B.double(), f.A.double()) ** 2 for f in u.modules.values()))
 
 
 def effective_change_norm(u: ClientUpdate, served: Mapping[str, LoraFactors]) -> float:

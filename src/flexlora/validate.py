@@ -79,6 +79,17 @@ def update_norm(update: ClientUpdate) -> float:
     return math.sqrt(total)
 
 
+def screening_norm(update: ClientUpdate) -> float:
+    """``update_norm`` to a few digits, for the median screen: ``||s B A||_F^2 = s^2 sum((B^T B) * (A A^T))``
+    in the factors' dtype. Two small matrix products instead of two QR factorisations (3x faster at
+    rank 200, a quarter of a FlexLoRA round's server time before); squaring costs digits that a bound
+    of ``norm_factor`` x the median does not need. An overflow gives inf: rejected, as it should be."""
+    total = 0.0
+    for f in update.modules.values():
+        total += f.scale**2 * float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0))
+    return math.sqrt(total)
+
+
 def screen_updates(
     updates: Sequence[ClientUpdate],
     shapes: Mapping[str, tuple[int, int]],
@@ -95,7 +106,7 @@ def screen_updates(
         else:
             passed.append(u)
     if config.norm_factor is not None and len(passed) >= 3:
-        norms = {u.client_id: update_norm(u) for u in passed}
+        norms = {u.client_id: screening_norm(u) for u in passed}
         median = statistics.median(norms.values())
         if median > 0:
             bound = config.norm_factor * median

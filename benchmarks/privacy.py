@@ -17,6 +17,7 @@ meaningful epsilon drowns the update, which is what this benchmark shows, not a 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -128,21 +129,28 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="runs/privacy", help="where the runs live (resumed when there)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report", action="store_true", help="run nothing: write the JSON and plot from the runs finished so far")
     args = ap.parse_args()
     env = environment()
     out = Path(args.out) / ("quick" if args.quick else "smollm2")
     base = base_config(args.quick, args.rounds)
     t0 = time.time()
     baselines = [entry(f"{m}-nodp", m, UNREACHED, 0.0) for m in METHODS]
-    run_all(base, baselines, out, not args.quiet)
+    if not args.report:
+        run_all(base, baselines, out, not args.quiet)
     clips = {m: median_norm(out / f"{m}-nodp") for m in METHODS}
     print(f"clipping bounds (median update norm without DP): {clips}")
     dp = [entry(f"{m}-z{z:g}", m, clips[m], z) for m in METHODS for z in args.noise]
-    summaries = run_all(base, baselines + dp, out, not args.quiet)
-    rows = []
-    for e, s in zip(baselines + dp, summaries):
+    if not args.report:
+        run_all(base, baselines + dp, out, not args.quiet)
+    rows, missing = [], []
+    for e in baselines + dp:  # every finished run (all of them unless --report stopped early)
+        done = out / e["label"] / "summary.json"
+        if not done.exists():
+            missing.append(e["label"])
+            continue
         method = next(m for m in METHODS if e["label"].startswith(m))
-        rows.append(row(s, method, e["privacy"]["noise_multiplier"], e["privacy"]["clip_norm"], out / e["label"]))
+        rows.append(row(json.loads(done.read_text()), method, e["privacy"]["noise_multiplier"], e["privacy"]["clip_norm"], out / e["label"]))
     cfg_note = "tiny random model (script check only)" if args.quick else "SmolLM2-135M-Instruct, demo suite"
     fed = base["federation"]
     scale = f"{cfg_note}: {base['data'].get('suite_clients')} clients, Poisson sampling of {fed.get('clients_per_round')} per round, {fed['rounds']} rounds"
@@ -152,7 +160,8 @@ def main() -> int:
         "scale": scale,
         "clip_norms": clips,
         "rows": rows,
-        "wall_seconds": round(time.time() - t0, 1),
+        "wall_seconds": None if args.report else round(time.time() - t0, 1),
+        "runs_not_finished": missing,
         "note": "noise std per entry = z * C / m (m: clients per round); with m = 4 a meaningful epsilon drowns the update",
     }
     path = write_json(RESULTS_DIR / f"{name}.json", result)

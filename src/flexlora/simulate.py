@@ -392,7 +392,7 @@ class Simulation(SparseWarmup):
         pv = self.cfg.privacy
         if not pv.clips:
             return None
-        spent = self.engine.privacy_spent(self.cfg.federation.rounds) or {}
+        spent = self.engine.privacy_spent(rounds[-1]["round"] if rounds else 0) or {}  # the rounds that ran (a stopped run: fewer)
         clipped = sum(h.get("privacy", {}).get("clipped", 0) for h in rounds)
         seen = sum(h.get("privacy", {}).get("of", 0) for h in rounds)
         return {"clip_norm": pv.clip_norm, "noise_multiplier": pv.noise_multiplier, "clipped_updates": clipped, "updates": seen, **spent}

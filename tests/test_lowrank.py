@@ -103,3 +103,120 @@ def test_factored_distance_resolves_equal_products_to_rounding_error():
         norm = float(torch.linalg.matrix_norm(B @ A))
         assert factored_distance(B, A, B @ Q, Q.T @ A) < 1e-13 * norm
         assert abs(factored_fro_norm(B, A) - norm) < 1e-13 * norm
+
+
+# -- the float64 Gram route for float32 data (lowrank.gram_svd) --------------------------------------
+def _float32_terms(seed, d_out, d_in, ranks, decay):
+    """float32 factors whose sum has a decaying spectrum (as LoRA updates do), and the float64 sum."""
+    g = torch.Generator().manual_seed(seed)
+    Bs = [(torch.randn(d_out, r, generator=g, dtype=torch.float64) * torch.logspace(0, -decay, r, dtype=torch.float64)).float() for r in ranks]
+    As = [torch.randn(r, d_in, generator=g, dtype=torch.float64).float() for r in ranks]
+    coeffs = torch.rand(len(ranks), generator=g, dtype=torch.float64).add(0.1).tolist()
+    dense = sum(c * B.double() @ A.double() for c, B, A in zip(coeffs, Bs, As))
+    return Bs, As, coeffs, dense
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    d_out=st.integers(1, 48),
+    d_in=st.integers(1, 48),
+    ranks=st.lists(st.integers(1, 16), min_size=1, max_size=6),
+    decay=st.floats(0.0, 4.0),
+    keep=st.integers(0, 50),
+    path=st.sampled_from(["factored", "dense"]),
+)
+def test_float32_svd_through_the_float64_gram_matrix_is_exact(seed, d_out, d_in, ranks, decay, keep, path):
+    """Against float64 LAPACK on the float64 sum: every singular value, the whole reconstruction, and
+    each truncation's error is Eckart-Young's optimum (the shares are the best rank-r approximations)."""
+    from flexlora.lowrank import svd_of_sum
+
+    Bs, As, coeffs, dense = _float32_terms(seed, d_out, d_in, ranks, decay)
+    ref = torch.linalg.svdvals(dense)
+    norm = float(ref.norm())
+    svd = svd_of_sum(Bs, As, coeffs, path=path, keep=keep)  # float32 server, as every run's default
+    k = min(sum(ranks), d_out, d_in)
+    kv = min(keep, k)
+    assert svd.S.dtype == svd.U.dtype == svd.Vh.dtype == torch.float32
+    assert svd.S.shape == (k,) and svd.U.shape == (d_out, kv) and svd.Vh.shape == (kv, d_in)
+    assert bool(torch.all(svd.S[:-1] >= svd.S[1:]))
+    assert float((svd.S.double() - ref[:k]).abs().max()) <= 2e-6 * norm
+    for r in sorted({min(1, kv), kv // 2, kv} - {0}):
+        err = float(torch.linalg.matrix_norm(dense - svd.reconstruct(r).double()))
+        optimum = float(ref[r:].square().sum().sqrt())
+        assert abs(err - optimum) <= 5e-6 * norm, (r, err, optimum)
+    # the vectors of the singular values that matter are orthonormal on both sides (the side computed
+    # as M V / S in float32 to about eps32 S_1 / S_i)
+    strong = svd.S[:kv] > 1e-2 * svd.S[0]
+    U, V = svd.U[:, strong].double(), svd.Vh[strong].double().T
+    for Q in (U, V):
+        torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_gram_route_is_at_least_as_accurate_as_float32_lapack():
+    """On float32 data with a spectrum spanning four decades, the top-r subspace from the float64 Gram
+    matrix is closer to the true one than LAPACK's float32 SVD gets (lowrank.gram_svd's claim)."""
+    from flexlora.lowrank import gram_svd
+
+    g = torch.Generator().manual_seed(3)
+    m, n = 300, 120
+    U, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -4, n, dtype=torch.float64)
+    W = ((U * s) @ V.T).float()
+    truth = torch.linalg.svd(W.double(), full_matrices=False)
+    for r in (8, 30, 60):
+        best = (truth.U[:, :r] * truth.S[:r]) @ truth.Vh[:r]
+        Ug, Sg, Vg = gram_svd(W, r)
+        Ul, Sl, Vl = torch.linalg.svd(W, full_matrices=False)
+        gram_err = float(torch.linalg.matrix_norm((Ug * Sg[:r]).double() @ Vg.double() - best))
+        lapack_err = float(torch.linalg.matrix_norm((Ul[:, :r] * Sl[:r]).double() @ Vl[:r].double() - best))
+        assert gram_err <= 1.5 * lapack_err, (r, gram_err, lapack_err)
+
+
+def test_gram_route_on_a_rank_deficient_matrix_gives_zero_vectors_not_nan():
+    from flexlora.lowrank import gram_svd
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(40, 30)
+    W[:, :3] = torch.randn(40, 3, generator=g)  # rank 3, and 27 exactly zero singular values
+    for M in (W, W.T.contiguous(), torch.zeros(5, 7)):
+        U, S, Vh = gram_svd(M, min(M.shape))
+        assert bool(torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all())
+        torch.testing.assert_close((U * S) @ Vh, M, atol=1e-5, rtol=0)
+
+
+def test_modules_in_parallel_equal_a_single_threaded_loop_and_the_thread_count_is_restored(restore_torch_threads):
+    """map_modules computes every module on one thread, so FlexLoRA's state does not depend on how
+    many threads the machine has; an error inside a module propagates and the count is restored."""
+    import pytest
+
+    from flexlora.lowrank import map_modules
+    from flexlora.methods import get_method
+    from flexlora.update import ClientUpdate, LoraFactors
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {f"m{i}": (40 + 3 * i, 30 + 2 * i) for i in range(7)}
+    updates = [
+        ClientUpdate(str(k), 10 + k, {n: LoraFactors(A=torch.randn(r, i, generator=g), B=torch.randn(o, r, generator=g), scale=16 / r) for n, (o, i) in shapes.items()})
+        for k, r in enumerate([4, 12, 30])
+    ]
+    states = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        states.append(get_method("flexlora").aggregate(updates))
+        assert torch.get_num_threads() == threads
+    for other in states[1:]:
+        for n in shapes:
+            assert torch.equal(other.adapter[n].B, states[0].adapter[n].B) and torch.equal(other.adapter[n].A, states[0].adapter[n].A)
+
+    def boom(x):
+        if x == 3:
+            raise ValueError("module 3 is broken")
+        return x
+
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="module 3"):
+        map_modules(boom, range(6))
+    assert torch.get_num_threads() == 2
+    assert map_modules(lambda x: x * x, range(5)) == [0, 1, 4, 9, 16]

@@ -129,6 +129,53 @@ def test_a_checkpoint_between_rounds_keeps_only_what_clients_can_be_served(refer
     assert all(m["A"].shape[0] == m["spectrum"].numel() for m in last["state"]["adapter"].values())  # whole
 
 
+
+def test_a_checkpoint_is_written_behind_the_next_round_and_its_metrics_line_follows_it(tmp_path):
+    """CheckpointWriter: the write happens on a thread; ``then`` (the metrics line) runs only once the
+    file is in place; a failed write is raised by ``wait`` and its ``then`` never runs."""
+    from flexlora.checkpoint import LATEST, CheckpointWriter, _read
+
+    seen = []
+    writer = CheckpointWriter(tmp_path / "run")
+    writer.start(lambda: {"round": 1, "t": torch.arange(5.0)}, then=lambda: seen.append(_read(tmp_path / "run" / LATEST)["t"].tolist()))
+    writer.wait()
+    assert seen == [[0.0, 1.0, 2.0, 3.0, 4.0]] and writer.last_write_seconds > 0
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    bad = CheckpointWriter(blocked)
+    bad.start(lambda: {"round": 1}, then=lambda: seen.append("must not run"))
+    with pytest.raises(OSError):
+        bad.wait()
+    assert seen == [[0.0, 1.0, 2.0, 3.0, 4.0]]
+    bad.wait()  # the error was handed over once
+
+
+def test_a_run_that_fails_in_round_2_has_round_1_checkpointed_and_logged_and_resumes(reference_run, tmp_path, monkeypatch):
+    """The loop's error propagates only after round 1's background write has landed with its metrics
+    line; resuming then gives the uninterrupted run's numbers."""
+    from flexlora.checkpoint import load_checkpoint
+    from flexlora.simulate import Simulation
+
+    real = Simulation.run_round
+
+    def failing(self, rnd, state, bar):
+        if rnd == 2:
+            raise RuntimeError("node lost in round 2")
+        return real(self, rnd, state, bar)
+
+    out = tmp_path / "failed"
+    monkeypatch.setattr(Simulation, "run_round", failing)
+    with pytest.raises(RuntimeError, match="node lost"):
+        Simulation(load_config(SMOKE), out, progress=False).run()
+    assert [r["round"] for r in _metrics(out)] == [0, 1]
+    assert load_checkpoint(out)["round"] == 1
+    assert "checkpoint_write" in _metrics(out)[1]["timings"]
+    monkeypatch.setattr(Simulation, "run_round", real)
+    assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", "--resume"]) == 0
+    assert _strip_timings(_metrics(out)) == _strip_timings(_metrics(reference_run))
+    _adapters_equal(out, reference_run)
+
 def test_corrupted_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
     import shutil
 

@@ -3,6 +3,10 @@
 A checkpoint file is a SHA-256 digest line followed by ``torch.save`` bytes. It is written to a
 temporary file, fsynced and renamed into place; the previous one is kept as ``.prev`` so that a
 corrupted or truncated latest checkpoint falls back to the one before, with a clear message.
+
+A run serialises its checkpoint in memory (the loop waits only for that: the state is then free to
+change) and a :class:`CheckpointWriter` hashes, writes and fsyncs it on a thread while the next
+round trains; the round's metrics line follows once the file is in place, as before.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,11 +60,21 @@ def state_from_dict(d: dict[str, Any]) -> ServerState:
     )
 
 
-def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def serialise(payload: dict[str, Any]) -> memoryview:
+    """The checkpoint's bytes (``torch.save``), a snapshot: later changes to the payload's tensors
+    or dicts do not reach them."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    data = buf.getbuffer()  # a view: no second copy of a checkpoint that can be hundreds of MB
+    return buf.getbuffer()  # a view: no second copy of a checkpoint that can be hundreds of MB
+
+
+def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
+    return write_checkpoint(folder, serialise(payload))
+
+
+def write_checkpoint(folder: Path, data: memoryview | bytes) -> Path:
+    """Digest line + ``data`` to ``checkpoint.pt`` (the old one kept as ``checkpoint.prev.pt``), durably."""
+    folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data).hexdigest().encode() + b"\n"
     latest = folder / LATEST
     staged = atomic_write_bytes(folder / f".{LATEST}.staged", [digest, data], durable=True)
@@ -67,6 +83,50 @@ def save_checkpoint(folder: Path, payload: dict[str, Any]) -> Path:
     os.replace(staged, latest)
     fsync_folder(folder)
     return latest
+
+
+class CheckpointWriter:
+    """Writes one checkpoint at a time on a background thread.
+
+    ``start(make)`` waits for the previous write and returns at once; on the writer thread ``make()``
+    builds the payload, which is serialised, hashed, written, fsynced and renamed into place while
+    the next round trains. ``make`` may read only what nobody changes afterwards: the caller copies
+    its mutable containers before ``start`` (a run's server state is never changed in place: every
+    round makes a new one).
+    ``then`` runs on the writer thread once the file is in place (the run appends its metrics line
+    there, so a metrics line never announces a round whose checkpoint did not land). ``wait``
+    blocks until the write is done and raises its error. A process killed mid-write leaves the
+    previous checkpoint, as a synchronous write would.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_write_seconds = 0.0  # how long the last background write took (serialising included)
+
+    def start(self, make: Callable[[], dict[str, Any]], then: Callable[[], None] | None = None) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(make, then), name="flexlora-checkpoint", daemon=False)
+        self._thread.start()
+
+    def _write(self, make: Callable[[], dict[str, Any]], then: Callable[[], None] | None) -> None:
+        started = time.perf_counter()
+        try:
+            write_checkpoint(self.folder, serialise(make()))
+            self.last_write_seconds = time.perf_counter() - started
+            if then is not None:
+                then()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by wait()
+            self._error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from flexlora.lowrank import factored_distance, factored_fro_norm, stack_factors, svd_of_product
+from flexlora.lowrank import factored_distance, factored_fro_norm, map_modules, stack_factors, svd_of_product
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -72,12 +72,12 @@ def aggregation_report(
     ``||(G - E) X||_F / ||E X||_F``, at O((d_out + d_in) R probes) instead of a QR of the stack
     (``rel_error_method`` says which was used). Inexact methods always get the exact distance.
     """
-    report: dict[str, dict] = {}
-    for name in state.adapter:
+    def one(name: str) -> dict:
         gm: GlobalModule = state.adapter[name]
         coeffs = [w * u.modules[name].scale for u, w in zip(updates, weights)]
-        B, A = _global_factors(state, name, dtype)
         svd_ordered = gm.spectrum is not None and state.base_delta is None
+        # an exact SVD-ordered state is probed in its own precision (no float64 copy of full-rank factors)
+        B, A = (gm.B, gm.A) if svd_ordered and exact else _global_factors(state, name, dtype)
         if svd_ordered:
             S = gm.spectrum
         elif A.shape[0] > 0:
@@ -111,21 +111,34 @@ def aggregation_report(
                 entry["share_error"] = {
                     str(r): factored_distance(Bg[:, :r], Ag[:r], Bg, Ag) / entry["global_norm"] for r in sorted(set(ranks))
                 }
-        report[name] = entry
-    return report
+        return entry
+
+    names = list(state.adapter)
+    return dict(zip(names, map_modules(one, names)))  # modules are independent
 
 
 def _probe_rel_error(B: Tensor, A: Tensor, clients: Sequence[tuple[float, Any]], probes: int, dtype: torch.dtype) -> float:
     """``||(B A - sum_k c_k B_k A_k) X||_F / ||sum_k c_k B_k A_k X||_F`` for a fixed Gaussian X
     (d_in x probes): its square is an unbiased estimate of the squared relative Frobenius error, and
-    any nonzero error shows with probability 1. Never forms a stack or a dense matrix."""
+    any nonzero error shows with probability 1. Never forms a stack or a dense matrix. The products are
+    taken in the highest precision any factor carries (all float32: a floor of ~1e-6, the precision
+    they carry, without float64 copies of full-rank factors; any float64: ~1e-15), summed in float64."""
     d_in = A.shape[1]
-    X = torch.randn(d_in, probes, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    EX = sum(c * (f.B.to(dtype) @ (f.A.to(dtype) @ X)) for c, f in clients)
+    X64 = torch.randn(d_in, probes, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    work = torch.float32  # the highest precision any factor (global or client) carries, at least float32
+    for t in (B, A, *(t for _, f in clients for t in (f.B, f.A))):
+        work = torch.promote_types(work, t.dtype)
+    X = X64.to(work)
+
+    def probed(B: Tensor, A: Tensor) -> Tensor:
+        return (B.to(work) @ (A.to(work) @ X)).to(torch.float64)
+
+    EX = sum(c * probed(f.B, f.A) for c, f in clients)
     denom = float(torch.linalg.matrix_norm(EX))
     if denom == 0:
         return 0.0
-    GX = B @ (A @ X) if A.shape[0] else torch.zeros_like(EX)
+    GX = probed(B, A) if A.shape[0] else torch.zeros_like(EX)
     return float(torch.linalg.matrix_norm(GX - EX)) / denom
 
 

@@ -9,6 +9,7 @@ the clients' persistent state and, for FLoRA, the update merged into the base we
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import sys
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from flexlora.checkpoint import load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
+from flexlora.checkpoint import CheckpointWriter, load_checkpoint, state_from_dict, state_to_dict
 from flexlora.config import ConfigError, RunConfig, config_changes, config_fingerprint
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary, summarise
@@ -207,45 +208,64 @@ class Simulation(SparseWarmup):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, disable=not self.progress, transient=False) as bar:
-            rounds_task = bar.add_task(f"{cfg.name}: rounds", total=cfg.federation.rounds, completed=start_round - 1)
-            for rnd in range(start_round, cfg.federation.rounds + 1):
-                t_round = time.perf_counter()
-                if self.is_sparse_round(rnd):
-                    rec = self.run_sparse_round(rnd, bar)
-                    if rnd == cfg.federation.slora_rounds:
-                        state = self.slora_transition(rnd)
-                        rec["slora_transition"] = summarise(aggregation_spectra(state))
-                else:
-                    rec, state = round_fn(rnd, state, bar)
-                evaluate_now = (cfg.eval.every and rnd % cfg.eval.every == 0) or rnd == cfg.federation.rounds
-                if evaluate_now and self.fed.eval_clients:
-                    t_eval = time.perf_counter()
-                    rec["eval"] = self.evaluate(state)
-                    rec.setdefault("timings", {})["eval"] = time.perf_counter() - t_eval
-                rec.setdefault("timings", {})
-                rec = json.loads(json.dumps(rec, sort_keys=True, default=_json_default))  # plain data from here on
-                t_ckpt = time.perf_counter()
-                save_checkpoint(
-                    self.out,
-                    {
-                        "round": rnd,
-                        "fingerprint": fingerprint,
-                        "config": cfg.to_dict(),
-                        "state": state_to_dict(self.engine.checkpoint_state(state, last_round=rnd == cfg.federation.rounds)),
-                        "merged": self.merged,
-                        "client_state": self.client_state,
-                        "record": rec,
-                    },
-                )
-                self.last_good = (rnd, state)  # whole, unlike a checkpoint between rounds (see RoundEngine.checkpoint_state)
-                rec["timings"]["checkpoint"] = time.perf_counter() - t_ckpt
-                rec["timings"]["round"] = time.perf_counter() - t_round  # everything above, wall clock
-                history.append(rec)
+        writer = CheckpointWriter(self.out)  # a round's checkpoint lands while the next one trains
+        try:
+            with Progress(*columns, disable=not self.progress, transient=False) as bar:
+                state = self._rounds(start_round, state, history, fingerprint, round_fn, bar, writer)
+            writer.wait()
+        finally:
+            writer.wait(raise_error=False)  # an error of the loop itself wins; the last write still lands
+        return self.finish(state, history)
+
+    def _rounds(self, start_round: int, state: ServerState, history: list[dict[str, Any]], fingerprint: str, round_fn: RoundFn, bar, writer: CheckpointWriter) -> ServerState:
+        """Rounds ``start_round``.. of the run; appends to ``history``, returns the last state."""
+        cfg = self.cfg
+        rounds_task = bar.add_task(f"{cfg.name}: rounds", total=cfg.federation.rounds, completed=start_round - 1)
+        for rnd in range(start_round, cfg.federation.rounds + 1):
+            t_round = time.perf_counter()
+            if self.is_sparse_round(rnd):
+                rec = self.run_sparse_round(rnd, bar)
+                if rnd == cfg.federation.slora_rounds:
+                    state = self.slora_transition(rnd)
+                    rec["slora_transition"] = summarise(aggregation_spectra(state))
+            else:
+                rec, state = round_fn(rnd, state, bar)
+            evaluate_now = (cfg.eval.every and rnd % cfg.eval.every == 0) or rnd == cfg.federation.rounds
+            if evaluate_now and self.fed.eval_clients:
+                t_eval = time.perf_counter()
+                rec["eval"] = self.evaluate(state)
+                rec.setdefault("timings", {})["eval"] = time.perf_counter() - t_eval
+            rec.setdefault("timings", {})
+            rec = json.loads(json.dumps(rec, sort_keys=True, default=_json_default))  # plain data from here on
+            t_ckpt = time.perf_counter()
+            writer.wait()  # the previous round's write (long done: a round trained since)
+            # what the background write reads: this round's state (never changed in place) and copies of
+            # the containers the next round changes
+            snapshot = {
+                "round": rnd,
+                "fingerprint": fingerprint,
+                "config": cfg.to_dict(),
+                "merged": dict(self.merged),
+                "client_state": copy.deepcopy(self.client_state),
+                "record": copy.deepcopy(rec),
+            }
+            last_round = rnd == cfg.federation.rounds
+
+            def payload(snapshot: dict[str, Any] = snapshot, state: ServerState = state, last_round: bool = last_round) -> dict[str, Any]:
+                return {**snapshot, "state": state_to_dict(self.engine.checkpoint_state(state, last_round=last_round))}
+
+            self.last_good = (rnd, state)  # whole, unlike a checkpoint between rounds (see RoundEngine.checkpoint_state)
+            rec["timings"]["checkpoint"] = time.perf_counter() - t_ckpt  # what the round waited for; the write goes on behind
+            rec["timings"]["round"] = time.perf_counter() - t_round  # everything above, wall clock
+            history.append(rec)
+
+            def landed(rec: dict[str, Any] = rec) -> None:  # the metrics line only once its checkpoint is in place
+                rec["timings"]["checkpoint_write"] = writer.last_write_seconds
                 _append(self.out / METRICS, rec)
-                bar.advance(rounds_task)
-        summary = self.finish(state, history)
-        return summary
+
+            writer.start(payload, then=landed)
+            bar.advance(rounds_task)
+        return state
 
     def eval_note(self) -> str | None:
         """Why nothing will be evaluated (None when something will)."""

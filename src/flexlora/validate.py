@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import factored_fro_norm
-from flexlora.update import AdapterSpec, ClientUpdate
+from flexlora.lowrank import factored_fro_norm, map_modules
+from flexlora.update import AdapterSpec, ClientUpdate, _all_finite
 
 ALLOWED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -56,7 +56,7 @@ def validate_update(
         for label, t in (("lora_A", f.A), ("lora_B", f.B)):
             if t.dtype not in ALLOWED_DTYPES:
                 problems.append(f"module {name}: {label} has dtype {t.dtype}")
-            elif not bool(torch.isfinite(t).all()):
+            elif not _all_finite(t):
                 problems.append(f"module {name}: {label} contains NaN or Inf")
         if (f.d_out, f.d_in) != (d_out, d_in):
             problems.append(f"module {name}: layer shape {(f.d_out, f.d_in)} does not match the base model's {(d_out, d_in)}")
@@ -84,10 +84,10 @@ def screening_norm(update: ClientUpdate) -> float:
     in the factors' dtype. Two small matrix products instead of two QR factorisations (3x faster at
     rank 200, a quarter of a FlexLoRA round's server time before); squaring costs digits that a bound
     of ``norm_factor`` x the median does not need. An overflow gives inf: rejected, as it should be."""
-    total = 0.0
-    for f in update.modules.values():
-        total += f.scale**2 * float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0))
-    return math.sqrt(total)
+    def squared(f) -> float:
+        return f.scale**2 * float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0))
+
+    return math.sqrt(sum(map_modules(squared, update.modules.values())))
 
 
 def screen_updates(

@@ -17,8 +17,8 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import SvdPath, svd_of_sum
-from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.lowrank import SvdPath, map_modules, svd_of_sum
+from flexlora.methods.base import AggregationMethod
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -55,12 +55,13 @@ class FlexLoRA(AggregationMethod):
         self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0, noise: Mapping[str, torch.Tensor] | None = None
     ) -> ServerState:
         updates, p = self._prepare(updates, weights)
-        adapter: dict[str, GlobalModule] = {}
-        paths: dict[str, str] = {}
-        for name in updates[0].modules:
-            Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
+
+        def synthesise(name: str) -> tuple[GlobalModule, str]:
+            factors = [u.modules[name] for u in updates]  # p_k s_k goes on B as the stack is built (one pass)
+            Bs, As = [f.B.to(self.device) for f in factors], [f.A.to(self.device) for f in factors]
+            coeffs = [pk * f.scale for pk, f in zip(p, factors)]
             dense = None if noise is None else noise[name]
-            svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank, dense=dense)
+            svd = svd_of_sum(Bs, As, coeffs, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank, dense=dense)
             k = svd.U.shape[1]
             U, S, Vh = svd.U, svd.S[:k], svd.Vh
             if self.singular_values == "B":
@@ -68,6 +69,10 @@ class FlexLoRA(AggregationMethod):
             else:
                 root = S.sqrt()
                 B, A = U * root, root[:, None] * Vh
-            adapter[name] = GlobalModule(A=A.contiguous(), B=B.contiguous(), spectrum=svd.S)
-            paths[name] = svd.path
+            return GlobalModule(A=A.contiguous(), B=B.contiguous(), spectrum=svd.S), svd.path
+
+        names = list(updates[0].modules)
+        done = dict(zip(names, map_modules(synthesise, names, self.device)))  # modules are independent
+        adapter = {name: gm for name, (gm, _) in done.items()}
+        paths = {name: path for name, (_, path) in done.items()}
         return self._state(round, adapter, updates, p, svd_paths=paths)

@@ -8,7 +8,7 @@ diagnostics, and the checkpoint (the part the loop waits for, and the write behi
 The median of ``--repeats`` runs per part. Time it on an idle machine (two CPU-heavy processes
 on 2 cores slow LAPACK 50-80x); the load average is saved with the figures.
 
-    python benchmarks/server_round.py [--repeats 3] [--out benchmarks/results/server_round.json]
+    python benchmarks/server_round.py [--repeats 3] [--variants] [--out benchmarks/results/server_round.json]
 """
 
 from __future__ import annotations
@@ -87,11 +87,49 @@ def one_round(shapes, updates, folder: Path) -> dict[str, float]:
             "dense_path": list(state.info["svd_paths"].values()).count("dense")}
 
 
+def aggregation_variants(shapes, updates, repeats: int) -> dict[str, float]:
+    """The aggregation alone, median seconds, as built (float64 Gram route, modules two at a time on one
+    thread each) and with each of the two taken back: a plain loop over modules, and LAPACK's float32
+    SVD (``torch.linalg.svd``, the route before) in a plain loop."""
+    import torch
+
+    import flexlora.lowrank as lowrank
+    import flexlora.methods.flexlora as flexlora_module
+    from flexlora.methods import get_method
+
+    def lapack(M, keep):
+        if M.shape[0] < M.shape[1]:
+            V, S, Uh = torch.linalg.svd(M.T, full_matrices=False)
+            return Uh[:keep].T, S, V[:, :keep].T
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :keep], S, Vh[:keep]
+
+    def median_seconds() -> float:
+        method, times = get_method("flexlora"), []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            method.aggregate(updates)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    built_map, built_svd = flexlora_module.map_modules, lowrank.thin_svd
+    out = {"gram_parallel": median_seconds()}
+    try:
+        flexlora_module.map_modules = lambda fn, items, device="cpu": [fn(x) for x in items]
+        out["gram_loop"] = median_seconds()
+        lowrank.thin_svd = lapack
+        out["lapack_loop"] = median_seconds()
+    finally:
+        flexlora_module.map_modules, lowrank.thin_svd = built_map, built_svd
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "server_round.json")
     ap.add_argument("--note", default="")
+    ap.add_argument("--variants", action="store_true", help="also time the aggregation without the thread pool and with LAPACK's SVD")
     args = ap.parse_args(argv)
     import torch
 
@@ -108,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:6s} screen {med['screen']:.2f}s  aggregate {med['aggregate']:.2f}s  diagnostics {med['diagnostics']:.2f}s  "
                   f"checkpoint {med['checkpoint']:.2f}s (+{med['checkpoint_behind']:.2f}s behind)  server {med['server_s']:.2f}s  "
                   f"({med['dense_path']:.0f} of {len(shapes)} modules dense)")
+    if args.variants:
+        v = aggregation_variants(shapes, synthetic_updates(shapes, COMPOSITIONS["4x200"]), args.repeats)
+        result["aggregation_variants_4x200_s"] = v
+        print(f"aggregation (4x200): as built {v['gram_parallel']:.2f}s, plain loop {v['gram_loop']:.2f}s, "
+              f"LAPACK float32 SVD in a plain loop {v['lapack_loop']:.2f}s")
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, result)
     print(f"-> {args.out}")

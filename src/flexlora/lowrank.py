@@ -162,28 +162,27 @@ def gram_svd(M: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
     return Et.T, S.to(M.dtype), scaled @ M  # Et holds left vectors: Vh = U^T M / S
 
 def map_modules(fn: Callable[[T], R_], items: Iterable[T], device: torch.device | str = "cpu") -> list[R_]:
-    """``[fn(x) for x in items]``, on the CPU as one single-threaded worker per torch thread.
+    """``[fn(x) for x in items]``, on the CPU spread over one worker per torch thread.
 
     A module's SVD or eigendecomposition of the demo's sizes (a few hundred wide) spends most of its
     time in LAPACK's reduction to tridiagonal/bidiagonal form, which two threads barely speed up; two
     modules at a time on one thread each do (FlexLoRA on a real round of ``make demo``, 210 modules,
-    four clients at rank 200: 12.7 s -> 9.2 s on 2 cores). Every module is computed on one thread
-    whatever the machine's thread count, so the result does not depend on it. torch's thread count is
-    restored afterwards. Elsewhere (a GPU) a plain loop.
+    four clients at rank 200: 12.7 s -> 9.2 s on 2 cores). With fewer modules than threads each
+    worker gets an equal share of the threads (one 4096-wide module keeps them all). With at least
+    as many modules as threads every module is computed on one thread, so the result does not
+    depend on the thread count. torch's thread count is restored afterwards. On a GPU: a plain loop.
     """
     items = list(items)
-    if torch.device(device).type != "cpu":
-        return [fn(x) for x in items]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    workers = min(threads, len(items))
+    if torch.device(device).type != "cpu" or workers <= 1:
+        return [fn(x) for x in items]
+    torch.set_num_threads(threads // workers)
     try:
-        if threads < 2 or len(items) < 2:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flexlora-module") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexlora-module") as pool:
             return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)
-
 
 def svd_of_sum(
     Bs: Sequence[Tensor],

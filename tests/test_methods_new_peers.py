@@ -37,6 +37,17 @@ def test_florist_keeps_the_smallest_rank_holding_the_energy_and_its_best_approxi
         assert state.adapter[name].rank == 0  # every client restarts LoRA and merges the global update
 
 
+
+def test_florist_at_threshold_one_keeps_directions_below_the_rounding_tolerance():
+    """A direction holding 1e-14 of the energy (singular value 1e-7 of the largest) is kept at
+    threshold 1: FLoRA's exact update, not one 1e-7 away (hypothesis found 1e-6)."""
+    from flexlora.methods.florist import energy_rank
+
+    S = torch.tensor([89.0, 0.1, 8.9e-6], dtype=F64)
+    assert energy_rank(S, 1.0) == 3
+    assert energy_rank(torch.tensor([1.0, 1e-7, 0.0], dtype=F64), 1.0) == 2  # exact zeros add nothing
+    assert energy_rank(S, 0.99) == 1
+
 @SETTINGS
 @given(federations())
 def test_florist_at_threshold_one_is_flora_exact(fed):

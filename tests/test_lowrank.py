@@ -5,12 +5,14 @@ from hypothesis import strategies as st
 from flexlora.lowrank import choose_path, factored_distance, factored_fro_norm, svd_of_sum
 
 
-def _random_terms(seed, d_out, d_in, ranks):
+def _random_terms(seed, d_out, d_in, ranks, decay=0.0, dtype=torch.float64):
+    """Factors in ``dtype`` whose columns of B decay over ``decay`` decades (a spectrum like LoRA
+    updates'), coefficients, and the float64 weighted sum."""
     g = torch.Generator().manual_seed(seed)
-    Bs = [torch.randn(d_out, r, generator=g, dtype=torch.float64) for r in ranks]
-    As = [torch.randn(r, d_in, generator=g, dtype=torch.float64) for r in ranks]
+    Bs = [(torch.randn(d_out, r, generator=g, dtype=torch.float64) * torch.logspace(0, -decay, r, dtype=torch.float64)).to(dtype) for r in ranks]
+    As = [torch.randn(r, d_in, generator=g, dtype=torch.float64).to(dtype) for r in ranks]
     coeffs = torch.rand(len(ranks), generator=g, dtype=torch.float64).tolist()
-    dense = sum(c * B @ A for c, B, A in zip(coeffs, Bs, As))
+    dense = sum(c * B.double() @ A.double() for c, B, A in zip(coeffs, Bs, As))
     return Bs, As, coeffs, dense
 
 
@@ -106,16 +108,6 @@ def test_factored_distance_resolves_equal_products_to_rounding_error():
 
 
 # -- the float64 Gram route for float32 data (lowrank.gram_svd) --------------------------------------
-def _float32_terms(seed, d_out, d_in, ranks, decay):
-    """float32 factors whose sum has a decaying spectrum (as LoRA updates do), and the float64 sum."""
-    g = torch.Generator().manual_seed(seed)
-    Bs = [(torch.randn(d_out, r, generator=g, dtype=torch.float64) * torch.logspace(0, -decay, r, dtype=torch.float64)).float() for r in ranks]
-    As = [torch.randn(r, d_in, generator=g, dtype=torch.float64).float() for r in ranks]
-    coeffs = torch.rand(len(ranks), generator=g, dtype=torch.float64).add(0.1).tolist()
-    dense = sum(c * B.double() @ A.double() for c, B, A in zip(coeffs, Bs, As))
-    return Bs, As, coeffs, dense
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
@@ -131,7 +123,7 @@ def test_float32_svd_through_the_float64_gram_matrix_is_exact(seed, d_out, d_in,
     each truncation's error is Eckart-Young's optimum (the shares are the best rank-r approximations)."""
     from flexlora.lowrank import svd_of_sum
 
-    Bs, As, coeffs, dense = _float32_terms(seed, d_out, d_in, ranks, decay)
+    Bs, As, coeffs, dense = _random_terms(seed, d_out, d_in, ranks, decay, torch.float32)
     ref = torch.linalg.svdvals(dense)
     norm = float(ref.norm())
     svd = svd_of_sum(Bs, As, coeffs, path=path, keep=keep)  # float32 server, as every run's default

@@ -4,9 +4,9 @@ A checkpoint file is a SHA-256 digest line followed by ``torch.save`` bytes. It 
 temporary file, fsynced and renamed into place; the previous one is kept as ``.prev`` so that a
 corrupted or truncated latest checkpoint falls back to the one before, with a clear message.
 
-A run serialises its checkpoint in memory (the loop waits only for that: the state is then free to
-change) and a :class:`CheckpointWriter` hashes, writes and fsyncs it on a thread while the next
-round trains; the round's metrics line follows once the file is in place, as before.
+A run hands its checkpoint to a :class:`CheckpointWriter`, which builds, serialises, hashes, writes
+and fsyncs it on a thread while the next round trains; the round's metrics line follows once the
+file is in place, as before.
 """
 
 from __future__ import annotations

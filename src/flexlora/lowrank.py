@@ -11,7 +11,7 @@ at O((d_out + d_in) R^2) time and O((d_out + d_in) R) memory instead of O(d_out 
 and O(d_out d_in). When R is large the dense path is cheaper; ``auto`` picks by a flop count.
 
 Below float64, either path's SVD (of ``dW`` or of the small core) is taken through the float64
-Gram matrix (:func:`gram_svd`): one matrix product and a symmetric eigendecomposition, 1.2-1.5x
+Gram matrix (:func:`gram_svd`): one matrix product and a symmetric eigendecomposition, 1.2-1.4x
 faster than LAPACK's float32 SVD on the 2-core CPU at the demo's shapes and, computed in float64,
 more accurate than it (the squared condition number costs float64 digits that float32 never had).
 """
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 SvdPath = Literal["auto", "factored", "dense"]
-T = TypeVar("T")
-R_ = TypeVar("R_")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,8 @@ def gram_svd(M: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
         return M @ scaled.T, S.to(M.dtype), Et
     return Et.T, S.to(M.dtype), scaled @ M  # Et holds left vectors: Vh = U^T M / S
 
-def map_modules(fn: Callable[[T], R_], items: Iterable[T], device: torch.device | str = "cpu") -> list[R_]:
+
+def map_modules(fn: Callable[[Item], Result], items: Iterable[Item], device: torch.device | str = "cpu") -> list[Result]:
     """``[fn(x) for x in items]``, on the CPU spread over one worker per torch thread.
 
     A module's SVD or eigendecomposition of the demo's sizes (a few hundred wide) spends most of its
@@ -183,6 +184,7 @@ def map_modules(fn: Callable[[T], R_], items: Iterable[T], device: torch.device 
             return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)
+
 
 def svd_of_sum(
     Bs: Sequence[Tensor],

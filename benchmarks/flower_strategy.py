@@ -67,7 +67,7 @@ def run_simulator(out: Path, rounds: int) -> list[dict]:
     return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if r["round"] > 0]
 
 
-def example_run_config(rounds: int, out: Path, transport: str, measure: str = "") -> dict:
+def example_run_config(rounds: int, out: Path, transport: str) -> dict:
     """The example's run config matched to the smoke config (steps, batch, lr, alpha, dropout, data)."""
     from flexlora.config import load_config
 
@@ -77,20 +77,39 @@ def example_run_config(rounds: int, out: Path, transport: str, measure: str = ""
         "num-server-rounds": rounds, "lr": cfg.train.lr, "batch-size": cfg.train.batch_size, "max-steps": cfg.train.max_steps,
         "max-length": cfg.train.max_length, "lora-alpha": cfg.lora.alpha, "lora-dropout": cfg.train.lora_dropout,
         "suite-clients": cfg.data.suite_clients, "suite-examples": cfg.data.suite_examples, "seed": cfg.federation.seed,
-        "threads": 1, "transport": transport, "measure-transport": measure, "save-every": 0, "out": str(out),
+        "threads": 1, "transport": transport, "save-every": 0, "out": str(out),
     })
     return rc
 
 
-def run_example(lb, work: Path, rounds: int, node_configs: list[str], transport: str, measure: str = "") -> tuple[dict, dict]:
+def run_example(lb, work: Path, rounds: int, node_configs: list[str], transport: str) -> tuple[dict, dict]:
     out = work / f"example-{transport}"
-    rc = example_run_config(rounds, out, transport, measure)
+    rc = example_run_config(rounds, out, transport)
     t0 = time.perf_counter()
     info = lb.run_app(EXAMPLE, rc, node_configs, work / f"deploy-{transport}", timeout=600)
     info["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if not (out / "summary.json").exists():  # flwr run exits 0 even when the run failed
         raise SystemExit(f"the {transport} run did not complete; see {info['log']}:\n{Path(info['log']).read_text()[-3000:]}")
     return json.loads((out / "strategy.json").read_text()), info
+
+
+def probe_transport(work: Path, rounds: int, node_configs: list[str], probe: tuple[str, ...]) -> list[dict]:
+    """The example's ClientApp on the in-process grid, served by a TransportProbe (float32 on the
+    wire): per round, what each dtype of ``probe`` would add on that round's updates."""
+    sys.path.insert(0, str(ROOT / "tests"))  # test helpers: the in-process grid
+    sys.path.insert(0, str(EXAMPLE))
+    from flower_local import LocalGrid
+    from flowertune_flexlora import client_app, task
+    from flwr.app import ArrayRecord
+    from peft import get_peft_model_state_dict
+    from transport_error import TransportProbe
+
+    rc = example_run_config(rounds, work / "probe", "float32")
+    nodes = {101 + i: {k: int(v) for k, v in (kv.split("=") for kv in c.split())} for i, c in enumerate(node_configs)}
+    model, _ = task.peft_model(rc)
+    strategy = TransportProbe(str(rc["method"]), lora_config=task.lora_config(rc), probe=probe)
+    strategy.start(LocalGrid(client_app.app, nodes, run_config=rc), ArrayRecord(get_peft_model_state_dict(model)), num_rounds=rounds)
+    return [r["transport_error"] for r in strategy.history]
 
 
 def adapter_distance(a: Path, b: Path) -> float:
@@ -118,8 +137,9 @@ def main() -> None:
         sim = run_simulator(work / "simulator", rounds)
         ranks = {int(c["id"]): c["ranks"] for c in sim[0]["clients"]}
         node_configs = [f"partition-id={cid} rank-attention={r['q_proj']} rank-mlp={r['gate_proj']}" for cid, r in sorted(ranks.items())]
-        f32, f32_info = run_example(lb, work, rounds, node_configs, "float32", measure="float16,bfloat16")
+        f32, f32_info = run_example(lb, work, rounds, node_configs, "float32")
         bf16, bf16_info = run_example(lb, work, rounds, node_configs, "bfloat16")
+        probed = probe_transport(work, rounds, node_configs, ("float16", "bfloat16"))
 
         sim_s = [r["timings"]["train"] + r["timings"].get("aggregate", 0.0) + r["timings"].get("diagnostics", 0.0) for r in sim]
         f32_s = [r["seconds"] for r in f32["rounds"]]
@@ -162,7 +182,7 @@ def main() -> None:
             "aggregate_rel_error_vs_exact": {
                 "float32_as_received": [r["aggregation"]["max_rel_error_vs_exact"] for r in f32["rounds"]],
                 "bfloat16_as_received": [r["aggregation"]["max_rel_error_vs_exact"] for r in bf16["rounds"]],
-                "transport_added_on_the_float32_runs_updates": {t: [r["transport_error"][t] for r in f32["rounds"]] for t in ("float16", "bfloat16")},
+                "transport_added_on_the_float32_runs_updates": {t: [r[t] for r in probed] for t in ("float16", "bfloat16")},
             },
             "final_global_rel_distance_bfloat16_vs_float32_run": round(adapter_distance(work / "example-float32" / "final", work / "example-bfloat16" / "final"), 6),
             "deployment_seconds": {"float32": f32_info, "bfloat16": bf16_info},
@@ -171,7 +191,7 @@ def main() -> None:
                 "flexlora run trains the three clients one after the other in one process; the deployment trains them concurrently in three ClientApp processes on the same cores",
                 "the deployment's overhead is mostly the per-message ClientApp process (imports, model build) and the SuperNode's polling",
                 "bytes: Flower message objects (deflated) as pushed/pulled; payload: the raw factor bytes in the transport dtype",
-                "as_received: the method's own distance (FlexLoRA is exact: ~1e-7 in float32); transport_added: aggregate of the round-tripped updates vs the exact sum of the originals, and the largest share error",
+                "as_received: the method's own distance (FlexLoRA is exact: ~1e-7 in float32); transport_added: aggregate of the round-tripped updates vs the exact sum of the originals, and the largest share error, measured by benchmarks/transport_error.py's TransportProbe on the same workload run in-process (float32 on the wire)",
                 "the bfloat16 run's final global differs from the float32 run's by the transport error compounded through local training",
                 "machine shared with other jobs: see environment.machine.loadavg_at_start",
             ],

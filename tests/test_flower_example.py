@@ -67,13 +67,12 @@ def check_run(out: Path, rounds: int) -> dict:
 
 
 def test_example_app_on_the_in_process_grid(tmp_path):
-    rc = run_config(out=str(tmp_path / "run"), **{"measure-transport": "bfloat16"})
+    rc = run_config(out=str(tmp_path / "run"))
     nodes = {101 + i: node_config(c) for i, c in enumerate(NODE_CONFIGS)}
     grid = LocalGrid(client_app.app, nodes, run_config=rc)
     server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
-    report = check_run(tmp_path / "run", rc["num-server-rounds"])
+    check_run(tmp_path / "run", rc["num-server-rounds"])
     assert all(e["outcome"] == "ok" for e in grid.log)
-    assert 0 < report["rounds"][-1]["transport_error"]["bfloat16"]["aggregate_rel_error_vs_exact"] < 2e-2
 
 
 def _loopback():

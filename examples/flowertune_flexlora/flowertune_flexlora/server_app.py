@@ -24,7 +24,6 @@ def main(grid: Grid, context: Context) -> None:
         str(rc["method"]),
         lora_config=task.lora_config(rc),
         transport=str(rc["transport"]),
-        measure_transport=tuple(t.strip() for t in str(rc["measure-transport"]).split(",") if t.strip()),
         save_every=int(rc["save-every"]),
         save_dir=str(out / "adapters"),
     )
@@ -33,5 +32,5 @@ def main(grid: Grid, context: Context) -> None:
     strategy.write_report(out / "strategy.json")  # per round and node: ranks, bytes, dropped replies
     strategy.save_adapter(out / "final")  # the global update as a PEFT adapter folder
     train_metrics = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
-    summary = {"status": "completed", "rounds": int(rc["num-server-rounds"]), "train_metrics": train_metrics, "total_bytes": strategy.bytes_total}
+    summary = {"status": "completed", "rounds": int(rc["num-server-rounds"]), "train_metrics": train_metrics, "total_bytes": strategy.traffic.total_bytes}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

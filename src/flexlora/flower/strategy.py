@@ -5,24 +5,17 @@ Flower's FedAvg sums the replies' arrays in place, so clients at different LoRA 
 :class:`FlexLoRAStrategy` takes what a FlowerTune client already sends (its PEFT LoRA state dict,
 ``get_peft_model_state_dict``, in ``"arrays"`` and its example count in ``"metrics"``), at whatever
 rank each client trains, and hands every node the share of the global update at that node's own
-ranks. The aggregation is the core method's (:mod:`flexlora.methods`); this module only turns
-messages into :class:`~flexlora.update.ClientUpdate` objects and back, screens them with
-:mod:`flexlora.validate`, and keeps the books (bytes per node and round, dropped replies).
+ranks. The aggregation is the core method's (:mod:`flexlora.methods`); this module turns messages
+into :class:`~flexlora.update.ClientUpdate` objects and back, screens them with
+:mod:`flexlora.validate`, and learns each node's ranks. The message format is in
+:mod:`flexlora.flower.peft_messages`; the byte counts in :mod:`flexlora.flower.accounting`; the
+client side's few lines in :mod:`flexlora.flower.client`.
 
-Messages (keys as in Flower's FedAvg, plus two config entries):
+A node's ranks come from (first that applies): its answer to the strategy's one ``query``
+(:func:`flexlora.flower.client.answer_query`), its last good reply, or the size-mismatch error it
+replied with when a share did not fit its model; until then it gets the declared LoRA config's.
 
-* train/evaluate (server -> node): ``"arrays"``: the node's share as a PEFT LoRA state dict;
-  ``"config"``: the caller's train/evaluate config plus ``"server-round"``, ``"lora-config"``
-  (JSON: ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` of the share)
-  and ``"transport-dtype"`` (float32, float16 or bfloat16; bfloat16 travels as int16 bits, read it
-  back with :func:`flexlora.flower.payloads.arrays_to_tensors`).
-* train reply (node -> server): ``"arrays"``: the trained PEFT LoRA state dict; ``"metrics"`` with
-  ``"num-examples"``; optionally ``"config"`` with ``"lora-config"`` (its ranks, alpha, rsLoRA) and
-  ``"transport-dtype"``. Without a ``"lora-config"`` the ranks are read from the shapes and alpha /
-  rsLoRA come from the strategy's declared LoRA config.
-* query (server -> node, once per node the strategy has not heard from, optional): a node that
-  answers with ``"config"["lora-config"]`` (its ranks from ``--node-config``) gets its own-rank share
-  from its first round; a node that does not answer gets the declared LoRA config's ranks.
+The server side needs torch, numpy, safetensors and flwr only (no transformers, PEFT or rouge-score).
 """
 
 from __future__ import annotations
@@ -36,47 +29,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flexlora.diagnostics import aggregation_report, summarise
-from flexlora.flower.payloads import LOG, QUERY, arrays_to_tensors, message_nbytes, tensors_to_arrays, transport_dtype
-from flexlora.lowrank import factored_distance, factored_fro_norm
+from flexlora.flower.accounting import Traffic
+from flexlora.flower.payloads import LOG, QUERY, arrays_to_tensors, tensors_to_arrays, transport_dtype
+from flexlora.flower.peft_messages import (
+    ARRAYS,
+    CONFIG,
+    LORA_CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    TRANSPORT,
+    is_load_error,
+    lora_settings,
+    ranks_from_load_error,
+    spec_to_lora_settings,
+)
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.peft_io import AdapterError, factors_from_state_dict, spec_from_config, state_dict_from_factors, write_adapter
 from flexlora.rounds import rank_summary, tensor_bytes
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
 from flexlora.validate import ValidationConfig, screen_updates
 
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
-LORA_CONFIG = "lora-config"
-TRANSPORT = "transport-dtype"
-NUM_EXAMPLES = "num-examples"
-LORA_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
-
-
-def lora_settings(config: Any) -> dict[str, Any]:
-    """The rank/alpha part of a LoRA config: a ``peft.LoraConfig``, an adapter_config.json dict, or a
-    JSON string of either (what travels as ``"lora-config"``)."""
-    if isinstance(config, str):
-        config = json.loads(config)
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise ValueError(f"a LoRA config must be a peft.LoraConfig or a mapping, got {type(config).__name__}")
-    out = {k: config[k] for k in LORA_KEYS if k in config and config[k] is not None}
-    for k in ("rank_pattern", "alpha_pattern"):
-        out[k] = dict(out.get(k) or {})
-    return out
-
-
-def spec_to_lora_settings(spec: Mapping[str, ModuleSpec]) -> dict[str, Any]:
-    """Per-module ranks as a LoRA config: the most common rank/alpha, the rest in the patterns."""
-    from flexlora.peft_io import adapter_config
-
-    return {k: v for k, v in adapter_config(spec).items() if k in LORA_KEYS}
+CLIENT_FIX = (
+    "answer the strategy's query and load shares with flexlora.flower.client "
+    "(@app.query() returning answer_query(msg, lora_config); load_share(model, msg) instead of set_peft_model_state_dict)"
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +74,6 @@ class StrategyConfig:
     min_evaluate_nodes: int = 0
     min_good_replies: int = 1  # a round with fewer valid updates keeps the previous global state
     transport: str = "float32"  # dtype of the factors on the wire: float32, float16, bfloat16
-    measure_transport: tuple[str, ...] = ()  # also measure what these transport dtypes would cost, on the same updates
     max_rank: int | None = None  # a reply above this rank is dropped
     norm_factor: float | None = 100.0  # a reply whose update norm exceeds this x the round median is dropped
     save_every: int = 0  # write the global update as a PEFT adapter every k rounds (0: never)
@@ -102,8 +83,7 @@ class StrategyConfig:
     query_timeout: float = 60.0
 
     def check(self) -> None:
-        for dt in (self.transport, *self.measure_transport):
-            transport_dtype(dt)
+        transport_dtype(self.transport)
         if not (0.0 <= self.fraction_train <= 1.0 and 0.0 <= self.fraction_evaluate <= 1.0):
             raise ValueError("fraction_train and fraction_evaluate must be in [0, 1]")
         if min(self.min_train_nodes, self.min_available_nodes, self.min_evaluate_nodes, self.save_every) < 0 or self.min_good_replies < 1:
@@ -133,10 +113,19 @@ class FlexLoRAStrategy(Strategy):
 
         strategy = FlexLoRAStrategy("flexlora", lora_config=peft_config)
         result = strategy.start(grid, ArrayRecord(get_peft_model_state_dict(model)), num_rounds=3,
-                                evaluate_fn=strategy.adapter_evaluate_fn(my_eval))
+                                evaluate_fn=my_evaluate_fn)
 
-    After each round :attr:`history` holds the round's record (bytes per node, dropped replies and
-    why, aggregation diagnostics); :attr:`state` is the method's global state.
+    Which global is which:
+
+    * every ``ArrayRecord`` Flower's loop hands your code (``evaluate_fn``'s arrays, ``Result.arrays``)
+      is the global **at the declared ranks**, the share a node at those ranks gets, so it loads into
+      the model you declared (``set_peft_model_state_dict``) exactly as FedAvg's does;
+    * the exact global at its full rank (the sum of the clients' ranks, alpha = r per module):
+      :meth:`global_arrays` (a PEFT state dict), :meth:`save_adapter` (an adapter folder that
+      ``PeftModel.from_pretrained`` loads), :meth:`adapter_evaluate_fn` (hands ``fn`` that folder).
+
+    After each round :attr:`history` holds the round's record (per node: bytes, ranks, status;
+    dropped replies and why; aggregation diagnostics); :attr:`state` is the method's global state.
     """
 
     def __init__(self, method: str = "flexlora", lora_config: Any = None, **settings: Any) -> None:
@@ -145,44 +134,28 @@ class FlexLoRAStrategy(Strategy):
             raise ValueError(f"unknown FlexLoRAStrategy setting {unknown[0]!r} (known: {', '.join(sorted(StrategyConfig.__dataclass_fields__))})")
         self.config = StrategyConfig(method=method, **settings)
         self.config.check()
-        self.method = _build_method(self.config)
+        self.method = build_method(self.config)
         self.declared = lora_settings(lora_config if lora_config is not None else {})
         self.state: ServerState | None = None
         self.shapes: dict[str, tuple[int, int]] = {}
         self.default_spec: dict[str, ModuleSpec] = {}
-        self.node_specs: dict[int, dict[str, ModuleSpec]] = {}  # what each node trains at, from its replies or its query answer
+        self.node_specs: dict[int, dict[str, ModuleSpec]] = {}  # what each node trains at (query answer, replies, load errors)
         self.asked: set[int] = set()  # nodes already sent the query (asked once)
-        self.history: list[dict[str, Any]] = []
-        self.bytes_total = 0
+        self.told: set[int] = set()  # nodes whose load error was explained in the log (once)
+        self.traffic = Traffic(self.config.transport)
         self._open: dict[str, Any] | None = None  # the record of the round in progress
 
-    # -- set-up -------------------------------------------------------------------------------------
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The closed rounds' records."""
+        return self.traffic.rounds
+
     def summary(self) -> None:
         c = self.config
         LOG.info("\t├──> Method: %s %s", c.method, dict(c.method_options) or "")
         LOG.info("\t├──> Sampling: train %.2f (min %d) | evaluate %.2f (min %d) | min available %d", c.fraction_train, c.min_train_nodes, c.fraction_evaluate, c.min_evaluate_nodes, c.min_available_nodes)
         LOG.info("\t├──> Declared LoRA: %s", self.declared or "(none: replies describe themselves)")
         LOG.info("\t└──> Transport: %s | min good replies %d | save every %d round(s)", c.transport, c.min_good_replies, c.save_every)
-
-    def _ensure_state(self, arrays: ArrayRecord) -> None:
-        """The first arrays (``initial_arrays``: the app's PEFT LoRA state dict) name the modules
-        and their shapes; a non-zero initial adapter becomes the starting global update."""
-        if self.state is not None:
-            return
-        try:
-            modules, specs = factors_from_state_dict(arrays_to_tensors(arrays), self.declared, where="initial_arrays", infer_ranks=True)
-        except AdapterError as e:
-            raise ValueError(f"initial_arrays must be a PEFT LoRA state dict (get_peft_model_state_dict): {e}") from None
-        self.shapes = {n: (f.d_out, f.d_in) for n, f in modules.items()}
-        self.default_spec = _declared_or(self.declared, specs)
-        if any(bool(f.B.any()) for f in modules.values()):
-            start = ClientUpdate("initial", 1, {n: LoraFactors(f.A.float(), f.B.float(), f.scale) for n, f in modules.items()})
-            self.state = self.method.aggregate([start], round=0)
-        else:
-            self.state = self.method.initial_state(self.shapes)
-
-    def spec_of(self, node: int) -> dict[str, ModuleSpec]:
-        return self.node_specs.get(node, self.default_spec)
 
     # -- train --------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -205,16 +178,16 @@ class FlexLoRAStrategy(Strategy):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             replied.add(str(node))
-            entry = self._count(rec, node, "up", message_nbytes(msg))
+            entry = self.traffic.message(rec, node, "up", msg)
             if msg.has_error():
-                dropped[str(node)] = [f"node error: {str(msg.error.reason).strip().splitlines()[0] if msg.error.reason else msg.error.code}"]
+                dropped[str(node)] = [self._node_error(server_round, node, str(msg.error.reason or msg.error.code), rec)]
                 continue
             try:
-                p = self._parse_reply(node, msg)
+                p = parse_reply(msg, self.declared)
             except (AdapterError, UpdateError, KeyError, ValueError, TypeError) as e:
                 dropped[str(node)] = [f"malformed reply: {e}"]
                 continue
-            entry["payload_up"] = p.payload_bytes
+            self.traffic.payload(entry, "up", p.payload_bytes)
             entry["ranks_up"] = rank_summary(p.spec)
             parsed[str(node)] = p
         for node, e in rec["nodes"].items():
@@ -250,14 +223,11 @@ class FlexLoRAStrategy(Strategy):
             rec["nodes"][u.client_id]["status"] = "ok"
         weights = [new_state.weights[u.client_id] for u in accepted]
         rec["aggregation"] = summarise(aggregation_report(new_state, accepted, weights, exact=self.method.exact_aggregate))
-        if self.config.measure_transport:
-            specs = [parsed[u.client_id].spec for u in accepted]
-            rec["transport_error"] = {dt: transport_error(self.config, accepted, specs, dt, server_round) for dt in self.config.measure_transport}
         self.state = new_state
         if self.config.save_every and server_round % self.config.save_every == 0:
             rec["saved"] = str(self.save_adapter(Path(str(self.config.save_dir)) / f"round-{server_round}"))
         self._close(rec)
-        return self.global_arrays(), MetricRecord({**metrics, "accepted-replies": len(accepted)})
+        return self.declared_arrays(), MetricRecord({**metrics, "accepted-replies": len(accepted)})
 
     # -- evaluate -----------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -273,7 +243,7 @@ class FlexLoRAStrategy(Strategy):
         rows = []
         rec = self._last_record(server_round)
         for msg in replies:
-            self._count(rec, int(msg.metadata.src_node_id), "up", message_nbytes(msg))
+            self.traffic.message(rec, int(msg.metadata.src_node_id), "up", msg)
             if msg.has_error() or METRICS not in msg.content:
                 continue
             m = dict(msg.content[METRICS])
@@ -283,10 +253,10 @@ class FlexLoRAStrategy(Strategy):
         metrics = _weighted_metrics(rows)
         return MetricRecord(metrics) if metrics else None
 
-    # -- the global update as a PEFT adapter ----------------------------------------------------------
+    # -- the global update, for your code -------------------------------------------------------------
     def global_factors(self) -> tuple[dict[str, LoraFactors], dict[str, ModuleSpec]]:
-        """The global update at its full rank with scale 1 (alpha = r per module); a module without
-        an update yet is the declared share (B = 0)."""
+        """The exact global update at its full rank with scale 1 (alpha = r per module); a module
+        without an update yet is the declared share (B = 0)."""
         if self.state is None:
             raise RuntimeError("the strategy has no global state yet (call start() or configure_train first)")
         factors, specs = {}, {}
@@ -300,18 +270,27 @@ class FlexLoRAStrategy(Strategy):
         return factors, specs
 
     def global_arrays(self) -> ArrayRecord:
-        """The global update as a PEFT LoRA state dict (float32; the ArrayRecord ``start`` returns)."""
+        """The exact global update at its full rank as a PEFT LoRA state dict (float32, alpha = r):
+        it loads into a PEFT model built from :meth:`save_adapter`'s adapter_config, not the declared one."""
         factors, _ = self.global_factors()
         return tensors_to_arrays(state_dict_from_factors(factors), "float32")
 
+    def declared_arrays(self) -> ArrayRecord:
+        """The global update at the declared ranks (the share a declared-rank node gets) as a PEFT
+        LoRA state dict (float32): what Flower's loop hands ``evaluate_fn`` and ``Result.arrays``."""
+        if self.state is None:
+            raise RuntimeError("the strategy has no global state yet (call start() or configure_train first)")
+        return tensors_to_arrays(state_dict_from_factors(self.method.share_for(self.state, self.default_spec)), "float32")
+
     def save_adapter(self, folder: Path) -> Path:
-        """Write the global update as a PEFT adapter folder (``PeftModel.from_pretrained`` loads it)."""
+        """Write the exact full-rank global update as a PEFT adapter folder (``PeftModel.from_pretrained``
+        or ``AutoPeftModelForCausalLM`` load it, rank_pattern and all)."""
         factors, specs = self.global_factors()
         return write_adapter(folder, factors, specs, template={"base_model_name_or_path": self.config.base_model_name_or_path})
 
     def adapter_evaluate_fn(self, fn: Callable[[int, Path], MetricRecord | None], folder: str | Path | None = None) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-        """An ``evaluate_fn`` for :meth:`start` that hands ``fn`` the global update as a PEFT adapter
-        folder (``folder/round-N``; a temporary folder when none is given)."""
+        """An ``evaluate_fn`` for :meth:`start` that hands ``fn`` the exact full-rank global update as
+        a PEFT adapter folder (``folder/round-N``; a temporary folder when none is given)."""
         root = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="flexlora-global-"))
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -320,39 +299,45 @@ class FlexLoRAStrategy(Strategy):
 
         return evaluate
 
-    # -- communication ------------------------------------------------------------------------------
-    def communication(self) -> dict[str, Any]:
-        """Bytes as FlowerTune's tracker counts them: per round and node, and the running total."""
-        return {
-            "transport": self.config.transport,
-            "total_bytes": self.bytes_total,
-            "rounds": [
-                {"round": r["round"], "bytes_down": r["bytes_down"], "bytes_up": r["bytes_up"], "cumulative_bytes": r["cumulative_bytes"],
-                 "nodes": {n: {k: v for k, v in e.items() if k.startswith(("bytes", "payload"))} for n, e in r["nodes"].items()}}
-                for r in self.history
-            ],
-        }
-
     def write_report(self, path: str | Path) -> Path:
-        """The rounds' records and the communication totals as JSON (atomically)."""
+        """The rounds' records, the communication totals and each node's ranks as JSON (atomically)."""
         from flexlora.fsutil import atomic_write_text
 
-        data = {"method": self.config.method, "transport": self.config.transport, "rounds": self.history, "communication": self.communication(),
+        data = {"method": self.config.method, "transport": self.config.transport, "rounds": self.history, "communication": self.traffic.report(),
                 "node_ranks": {str(n): rank_summary(s) for n, s in sorted(self.node_specs.items())}}
         atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True, default=str))
         return Path(path)
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _ensure_state(self, arrays: ArrayRecord) -> None:
+        """The first arrays (``initial_arrays``: the app's PEFT LoRA state dict) name the modules
+        and their shapes; a non-zero initial adapter becomes the starting global update."""
+        if self.state is not None:
+            return
+        try:
+            modules, specs = factors_from_state_dict(arrays_to_tensors(arrays), self.declared, where="initial_arrays", infer_ranks=True)
+        except AdapterError as e:
+            raise ValueError(f"initial_arrays must be a PEFT LoRA state dict (get_peft_model_state_dict): {e}") from None
+        self.shapes = {n: (f.d_out, f.d_in) for n, f in modules.items()}
+        self.default_spec = _declared_or(self.declared, specs)
+        if any(bool(f.B.any()) for f in modules.values()):
+            start = ClientUpdate("initial", 1, {n: LoraFactors(f.A.float(), f.B.float(), f.scale) for n, f in modules.items()})
+            self.state = self.method.aggregate([start], round=0)
+        else:
+            self.state = self.method.initial_state(self.shapes)
+
+    def spec_of(self, node: int) -> dict[str, ModuleSpec]:
+        return self.node_specs.get(node, self.default_spec)
+
     def _share_message(self, node: int, server_round: int, config: ConfigRecord, message_type: str, rec: dict[str, Any]) -> Message:
         spec = self.spec_of(node)
-        share = self.method.share_for(self.state, spec)
-        tensors = state_dict_from_factors(share)
+        tensors = state_dict_from_factors(self.method.share_for(self.state, spec))
         conf = ConfigRecord(dict(config))
-        conf.update({"server-round": server_round, LORA_CONFIG: json.dumps(spec_to_lora_settings(spec), sort_keys=True), TRANSPORT: self.config.transport})
+        conf.update({SERVER_ROUND: server_round, LORA_CONFIG: json.dumps(spec_to_lora_settings(spec), sort_keys=True), TRANSPORT: self.config.transport})
         msg = Message(RecordDict({ARRAYS: tensors_to_arrays(tensors, self.config.transport), CONFIG: conf}), dst_node_id=node, message_type=message_type)
-        entry = self._count(rec, node, "down", message_nbytes(msg))
+        entry = self.traffic.message(rec, node, "down", msg)
         entry["ranks_down"] = rank_summary(spec)
-        entry["payload_down"] = entry.get("payload_down", 0) + sum(t.numel() for t in tensors.values()) * transport_dtype(self.config.transport).itemsize
+        self.traffic.payload(entry, "down", sum(t.numel() for t in tensors.values()) * transport_dtype(self.config.transport).itemsize)
         return msg
 
     def _learn_ranks(self, grid: Grid, nodes: list[int], rec: dict[str, Any]) -> None:
@@ -362,15 +347,15 @@ class FlexLoRAStrategy(Strategy):
         self.asked.update(nodes)
         msgs = [Message(RecordDict({CONFIG: ConfigRecord({"want": LORA_CONFIG})}), dst_node_id=n, message_type=QUERY, ttl=self.config.query_timeout) for n in nodes]
         for m in msgs:
-            self._count(rec, int(m.metadata.dst_node_id), "down", message_nbytes(m))
+            self.traffic.message(rec, int(m.metadata.dst_node_id), "down", m)
         answers = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(msgs, timeout=self.config.query_timeout)}
         for n in nodes:
             r = answers.get(n)
             reason = "no answer to the query"
             if r is not None:
-                self._count(rec, n, "up", message_nbytes(r))
+                self.traffic.message(rec, n, "up", r)
                 if r.has_error():
-                    reason = "it has no query handler or failed"
+                    reason = "its ClientApp has no query handler" if "No query function registered" in str(r.error.reason) else f"its query handler failed ({_first_line(str(r.error.reason))})"
                 else:
                     try:
                         spec = spec_from_config(lora_settings(str(r.content[CONFIG][LORA_CONFIG])), self.shapes, where=f"node {n}'s lora-config")
@@ -380,7 +365,34 @@ class FlexLoRAStrategy(Strategy):
                     else:
                         self.node_specs[n] = spec
                         continue
-            LOG.info("flexlora strategy: node %s gets the declared LoRA ranks %s (%s)", n, rank_summary(self.default_spec), reason)
+            LOG.info("flexlora strategy: node %s gets the declared LoRA ranks %s until it replies (%s)", n, rank_summary(self.default_spec), reason)
+
+    def _node_error(self, server_round: int, node: int, reason: str, rec: dict[str, Any]) -> str:
+        """Why a node's error reply is dropped. A share that did not fit the node's model (its ranks
+        differ from the ones it was sent) teaches the strategy the node's ranks: it is served at
+        them from the next round. The cause and the fix are logged once per node."""
+        if not is_load_error(reason):
+            return f"node error: {_first_line(reason)}"
+        sent = self.spec_of(node)
+        ranks = ranks_from_load_error(reason) or {}
+        learned = {m: have for m, (_, have) in ranks.items() if m in sent}
+        if learned:
+            spec = {m: (ModuleSpec(learned[m], self.default_spec[m].alpha, self.default_spec[m].rslora) if m in learned else s) for m, s in sent.items()}
+            try:
+                self._check_spec(spec)
+            except UpdateError:
+                learned = {}
+            else:
+                self.node_specs[node] = spec
+        what = (f"its model's LoRA ranks {rank_summary({m: s for m, s in self.node_specs[node].items()})} differ from the share's {rank_summary(sent)}"
+                if learned else f"it could not load the share at ranks {rank_summary(sent)} ({_first_line(reason)})")
+        rec.setdefault("load_errors", {})[str(node)] = what
+        if node not in self.told:
+            self.told.add(node)
+            then = "it is served at its own ranks from the next round" if learned else "it will fail again at these ranks"
+            LOG.warning("flexlora strategy: round %d: node %s cannot load its share: %s; %s. To serve every node at its own ranks from round 1, %s",
+                        server_round, node, what, then, CLIENT_FIX)
+        return f"load error: {what}"
 
     def _check_spec(self, spec: Mapping[str, ModuleSpec]) -> None:
         for name, s in spec.items():
@@ -388,38 +400,10 @@ class FlexLoRAStrategy(Strategy):
             if s.rank > limit or (self.config.max_rank is not None and s.rank > self.config.max_rank):
                 raise UpdateError(f"module {name}: rank {s.rank} exceeds {min(limit, self.config.max_rank or limit)}")
 
-    def _parse_reply(self, node: int, msg: Message) -> ParsedReply:
-        content = msg.content
-        if ARRAYS not in content:
-            raise KeyError(f"the reply has no {ARRAYS!r} ArrayRecord")
-        if METRICS not in content or NUM_EXAMPLES not in content[METRICS]:
-            raise KeyError(f"the reply has no {NUM_EXAMPLES!r} in its {METRICS!r} MetricRecord")
-        n = content[METRICS][NUM_EXAMPLES]
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not float(n).is_integer() or n < 1:
-            raise ValueError(f"{NUM_EXAMPLES} must be a positive integer, got {n!r}")
-        conf = content[CONFIG] if CONFIG in content else {}
-        described = LORA_CONFIG in conf
-        settings = lora_settings(str(conf[LORA_CONFIG])) if described else self.declared
-        tensors = arrays_to_tensors(content[ARRAYS], str(conf.get(TRANSPORT, "float32")))
-        modules, spec = factors_from_state_dict(tensors, settings, where=f"reply from node {node}", infer_ranks=not described)
-        modules = {k: LoraFactors(A=f.A.float(), B=f.B.float(), scale=f.scale) for k, f in modules.items()}
-        metrics = {k: float(v) for k, v in content[METRICS].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return ParsedReply(ClientUpdate(client_id=str(node), num_examples=int(n), modules=modules), spec, metrics, tensor_bytes(tensors.values()))
-
     def _begin(self, server_round: int) -> dict[str, Any]:
         if self._open is None or self._open["round"] != server_round:
-            self._open = {"round": server_round, "started": time.perf_counter(), "nodes": {}, "bytes_down": 0, "bytes_up": 0, "cumulative_bytes": self.bytes_total}
+            self._open = {**self.traffic.open_round(server_round), "started": time.perf_counter()}
         return self._open
-
-    def _count(self, rec: dict[str, Any], node: int, direction: str, nbytes: int) -> dict[str, Any]:
-        """Add one message's bytes to its node, its round and the running total (the tracker)."""
-        entry = rec["nodes"].setdefault(str(node), {})
-        key = f"bytes_{direction}"
-        entry[key] = entry.get(key, 0) + nbytes
-        rec[key] += nbytes
-        self.bytes_total += nbytes
-        rec["cumulative_bytes"] = self.bytes_total
-        return entry
 
     def _last_record(self, server_round: int) -> dict[str, Any]:
         for r in reversed(self.history):
@@ -429,13 +413,37 @@ class FlexLoRAStrategy(Strategy):
 
     def _close(self, rec: dict[str, Any]) -> None:
         rec["seconds"] = round(time.perf_counter() - rec.pop("started"), 4)
-        self.history.append(rec)
+        self.traffic.close_round(rec)
         self._open = None
         LOG.info("flexlora strategy: round %d: %d update(s) aggregated, %d dropped, %.1f KiB down / %.1f KiB up, %.1f MiB so far",
-                 rec["round"], 0 if rec.get("kept_previous_state") else len(rec.get("accepted", [])), len(rec.get("dropped", {})), rec["bytes_down"] / 1024, rec["bytes_up"] / 1024, self.bytes_total / 2**20)
+                 rec["round"], 0 if rec.get("kept_previous_state") else len(rec.get("accepted", [])), len(rec.get("dropped", {})), rec["bytes_down"] / 1024, rec["bytes_up"] / 1024, self.traffic.total_bytes / 2**20)
 
 
-def _build_method(config: StrategyConfig) -> AggregationMethod:
+def parse_reply(msg: Message, declared: Mapping[str, Any]) -> ParsedReply:
+    """A node's train reply as a :class:`~flexlora.update.ClientUpdate` (float32 factors) with its
+    spec: ranks and alpha from the reply's ``"lora-config"``, else ranks from the shapes and alpha
+    / rsLoRA from ``declared``. Raises KeyError / ValueError / AdapterError naming the problem."""
+    node = int(msg.metadata.src_node_id)
+    content = msg.content
+    if ARRAYS not in content:
+        raise KeyError(f"the reply has no {ARRAYS!r} ArrayRecord")
+    if METRICS not in content or NUM_EXAMPLES not in content[METRICS]:
+        raise KeyError(f"the reply has no {NUM_EXAMPLES!r} in its {METRICS!r} MetricRecord")
+    n = content[METRICS][NUM_EXAMPLES]
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not float(n).is_integer() or n < 1:
+        raise ValueError(f"{NUM_EXAMPLES} must be a positive integer, got {n!r}")
+    conf = content[CONFIG] if CONFIG in content else {}
+    described = LORA_CONFIG in conf
+    settings = lora_settings(str(conf[LORA_CONFIG])) if described else declared
+    tensors = arrays_to_tensors(content[ARRAYS], str(conf.get(TRANSPORT, "float32")))
+    modules, spec = factors_from_state_dict(tensors, settings, where=f"reply from node {node}", infer_ranks=not described)
+    modules = {k: LoraFactors(A=f.A.float(), B=f.B.float(), scale=f.scale) for k, f in modules.items()}
+    metrics = {k: float(v) for k, v in content[METRICS].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return ParsedReply(ClientUpdate(client_id=str(node), num_examples=int(n), modules=modules), spec, metrics, tensor_bytes(tensors.values()))
+
+
+def build_method(config: StrategyConfig) -> AggregationMethod:
+    """The configured method; refused when it merges into the base weights (a PEFT client does not)."""
     method = get_method(config.method, **dict(config.method_options))
     if method.merges_into_base:
         raise ValueError(
@@ -443,6 +451,11 @@ def _build_method(config: StrategyConfig) -> AggregationMethod:
             "use flexlora, fedavg, hetlora, ffa or rank_partition with this strategy"
         )
     return method
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text
 
 
 def _declared_or(declared: Mapping[str, Any], inferred: Mapping[str, ModuleSpec]) -> dict[str, ModuleSpec]:
@@ -474,29 +487,3 @@ def _weighted_metrics(rows: list[ParsedReply]) -> dict[str, float]:
         if w > 0:
             out[k] = sum(n * v for n, v in pairs) / w
     return out
-
-
-def transport_error(config: StrategyConfig, updates: list[ClientUpdate], specs: list[Mapping[str, ModuleSpec]], transport: str, server_round: int = 0) -> dict[str, float]:
-    """What sending the factors in ``transport`` would cost on these very updates: the relative
-    distance of the aggregate of the round-tripped updates from the exact weighted sum of the
-    originals (up), and the largest relative error of a share after the round trip (down)."""
-    method = _build_method(config)  # a fresh instance: the measurement must not touch the strategy's
-    q_updates = [ClientUpdate(u.client_id, u.num_examples, {n: _round_trip(f, transport) for n, f in u.modules.items()}) for u in updates]
-    state = method.aggregate(q_updates, round=server_round)
-    weights = [state.weights[u.client_id] for u in updates]
-    up = summarise(aggregation_report(state, updates, weights, exact=False))
-    exact_state = method.aggregate(updates, round=server_round)
-    down = 0.0
-    for spec in specs:
-        for name, f in method.share_for(exact_state, spec).items():
-            q = _round_trip(f, transport)
-            norm = factored_fro_norm(f.B.double(), f.A.double())
-            if norm > 0:
-                down = max(down, factored_distance(q.B.double(), q.A.double(), f.B.double(), f.A.double()) / norm)
-    return {"aggregate_rel_error_vs_exact": up["rel_error_vs_exact"], "aggregate_max_rel_error_vs_exact": up["max_rel_error_vs_exact"], "share_max_rel_error": down}
-
-
-def _round_trip(f: LoraFactors, transport: str) -> LoraFactors:
-    """The factors as the receiver sees them after the real encoding in ``transport``."""
-    back = arrays_to_tensors(tensors_to_arrays({"A": f.A, "B": f.B}, transport), transport)
-    return LoraFactors(A=back["A"].float(), B=back["B"].float(), scale=f.scale)

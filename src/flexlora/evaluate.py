@@ -28,9 +28,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from nltk.stem import porter
-from rouge_score import rouge_scorer
-from rouge_score import tokenizers as rouge_tokenizers
 from torch import nn
 
 from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
@@ -117,7 +114,7 @@ class EvalResult:
 # --------------------------------------------------------------------------------------------- Rouge-L
 
 
-class UnicodeRougeTokenizer(rouge_tokenizers.Tokenizer):
+class UnicodeRougeTokenizer:
     """rouge-score's tokenizer extended to every script.
 
     Lowercases, keeps runs of Unicode letters/digits (``\\w`` without ``_``, as rouge-score also
@@ -130,6 +127,8 @@ class UnicodeRougeTokenizer(rouge_tokenizers.Tokenizer):
     _TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+", re.UNICODE)
 
     def __init__(self, use_stemmer: bool = True) -> None:
+        from nltk.stem import porter  # rouge-score's stemmer; imported here so a server that only aggregates needs neither
+
         self._stemmer = porter.PorterStemmer() if use_stemmer else None
 
     def tokenize(self, text: str) -> list[str]:
@@ -140,7 +139,9 @@ class UnicodeRougeTokenizer(rouge_tokenizers.Tokenizer):
 
 
 @functools.lru_cache(maxsize=4)
-def _scorer(tokenizer: RougeTokenizer) -> rouge_scorer.RougeScorer:
+def _scorer(tokenizer: RougeTokenizer) -> Any:
+    from rouge_score import rouge_scorer  # the [train] extra: a server that only aggregates does not install it
+
     if tokenizer == "default":
         return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     if tokenizer == "unicode":

@@ -6,6 +6,7 @@ without it (the load errors of round 1 explained once per node, every node aggre
 
 import json
 import logging
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -108,3 +109,39 @@ def test_the_swap_without_the_client_helper_explains_and_recovers(tmp_path, capl
     final = read_adapter(tmp_path / "final").modules
     for name, dense in exact_sum(replies, 3, rc["lora-alpha"]).items():
         assert float((final[name].delta().double() - dense).norm() / dense.norm()) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_under_flowers_simulation_engine(tmp_path):
+    """`flwr run` with Flower's Simulation Engine (Ray): a simulated node has only its partition-id,
+    so its rank comes from the run config (``node-ranks``); every node is served at its own rank."""
+    pytest.importorskip("ray")
+    import importlib.util
+
+    import tomli_w
+
+    spec = importlib.util.spec_from_file_location("flower_loopback", Path(__file__).resolve().parents[1] / "scripts" / "flower_loopback.py")
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    procs = lb.Processes(tmp_path)
+    port = lb.free_port()
+    env = lb.base_env(tmp_path / "home")
+    env["PYTHONPATH"] = os.pathsep.join([str(APP), env["PYTHONPATH"]])  # the app's package, without installing it
+    try:  # a simulation SuperLink of our own (its PID is ours to stop), not flwr's detached ":local:" one
+        link = procs.start("superlink", [str(lb.BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+                                         "--host", "127.0.0.1", "--port", str(port)], env)
+        lb.wait_for_port(port, link, "the simulation SuperLink")
+        (tmp_path / "home" / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\noptions.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 1\n'
+        )
+        rc = run_config(**{"save-path": str(tmp_path / "run"), "node-ranks": ",".join(str(RANKS[n]) for n in sorted(RANKS))})
+        (tmp_path / "rc.toml").write_text(tomli_w.dumps(rc))
+        r, _ = lb.flwr_run(APP, tmp_path / "rc.toml", env, timeout=500, log=tmp_path / "flwr-run.log")
+    finally:
+        procs.stop()
+    assert (tmp_path / "run" / "summary.json").exists(), (tmp_path / "flwr-run.log").read_text()[-3000:] + procs.log("superlink")[-3000:]
+    report = json.loads((tmp_path / "run" / "strategy.json").read_text())
+    for rec in report["rounds"]:
+        assert len(rec["accepted"]) == 4 and not rec["dropped"]
+        assert sorted(e["ranks_down"]["q_proj"] for e in rec["nodes"].values()) == sorted(RANKS.values())

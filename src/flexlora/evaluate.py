@@ -115,7 +115,7 @@ class EvalResult:
 
 
 class UnicodeRougeTokenizer:
-    """rouge-score's tokenizer extended to every script.
+    """rouge-score's tokenizer (its ``tokenize`` interface) extended to every script.
 
     Lowercases, keeps runs of Unicode letters/digits (``\\w`` without ``_``, as rouge-score also
     splits on ``_``) and Porter-stems ASCII words longer than 3 characters, exactly like the default;

@@ -1,5 +1,5 @@
-"""The app's model, data and training loop; nothing here knows about FlexLoRA. Each node's LoRA rank
-is its node config's ``lora-r`` (the run config's for the server and for nodes that do not say)."""
+"""The app's model, data and training loop; nothing here knows about FlexLoRA. Each node's LoRA rank:
+:func:`node_rank`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,20 @@ from peft import LoraConfig, get_peft_model
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def node_rank(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> int:
+    """A deployed node says its rank (``--node-config 'lora-r=8'``); a simulated node has only its
+    ``partition-id``, which indexes the run config's ``node-ranks`` ("2,4,8,16"); else the declared rank."""
+    node_config = node_config or {}
+    if "lora-r" in node_config:
+        return int(node_config["lora-r"])
+    ranks = [int(r) for r in str(run_config.get("node-ranks", "")).split(",") if r.strip()]
+    if ranks and "partition-id" in node_config:
+        return ranks[int(node_config["partition-id"]) % len(ranks)]
+    return int(run_config["lora-r"])
+
+
 def lora_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> LoraConfig:
-    r = int((node_config or {}).get("lora-r", run_config["lora-r"]))
+    r = node_rank(run_config, node_config)
     return LoraConfig(r=r, lora_alpha=float(run_config["lora-alpha"]), lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 

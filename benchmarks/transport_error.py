@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.flower.payloads import arrays_to_tensors, tensors_to_arrays
-from flexlora.flower.strategy import FlexLoRAStrategy, build_method, parse_reply
+from flexlora.flower.peft_messages import parse_reply
+from flexlora.flower.strategy import FlexLoRAStrategy, build_method
 from flexlora.lowrank import factored_distance, factored_fro_norm
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from flexlora.flower.client import answer_query, load_share, train_reply  # noqa: E402
 from flexlora.flower.payloads import tensors_to_arrays  # noqa: E402
 from flexlora.flower.peft_messages import ranks_from_load_error  # noqa: E402
-from flexlora.flower.strategy import parse_reply  # noqa: E402
+from flexlora.flower.peft_messages import parse_reply  # noqa: E402
 from flexlora.methods import get_method  # noqa: E402
 from flexlora.peft_io import factors_from_state_dict, state_dict_from_factors  # noqa: E402
 from flexlora.update import ClientUpdate, ModuleSpec  # noqa: E402

@@ -147,7 +147,7 @@ def test_aggregate_equals_the_core_methods_exactly(method, replies):
         assert torch.equal(arrays[peft_key(name, "B")], gm.B.float()) and torch.equal(arrays[peft_key(name, "A")], gm.A.float())
     # the ArrayRecord start() returns (and evaluate_fn gets) is the share at the declared ranks: it loads into the declared model
     declared = arrays_to_tensors(result.arrays)
-    for name, f in get_method(method).share_for(want, strategy.default_spec).items():
+    for name, f in get_method(method).share_for(want, strategy.ranks.declared).items():
         assert torch.equal(declared[peft_key(name, "B")], f.B.float()) and torch.equal(declared[peft_key(name, "A")], f.A.float())
         assert f.A.shape[0] == DECLARED["r"]
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from flexlora.peft_io import adapter_config, module_of_key
-from flexlora.update import ModuleSpec
+from flexlora.flower.payloads import arrays_to_tensors
+from flexlora.peft_io import adapter_config, factors_from_state_dict, module_of_key
+from flexlora.rounds import tensor_bytes
+from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 LORA_CONFIG = "lora-config"
@@ -79,3 +82,34 @@ def ranks_from_load_error(reason: str) -> dict[str, tuple[int, int]] | None:
 def is_load_error(reason: str) -> bool:
     """Whether a node's error reply says it could not load the share it was sent."""
     return "size mismatch for" in reason or "Error(s) in loading state_dict" in reason
+
+
+@dataclass
+class ParsedReply:
+    update: ClientUpdate
+    spec: dict[str, ModuleSpec]
+    metrics: dict[str, float]
+    payload_bytes: int = 0  # the factors as they travelled (their transport dtype)
+
+
+def parse_reply(msg: Any, declared: Mapping[str, Any]) -> ParsedReply:
+    """A node's train reply as a :class:`~flexlora.update.ClientUpdate` (float32 factors) with its
+    spec: ranks and alpha from the reply's ``"lora-config"``, else ranks from the shapes and alpha
+    / rsLoRA from ``declared``. Raises KeyError / ValueError / AdapterError naming the problem."""
+    node = int(msg.metadata.src_node_id)
+    content = msg.content
+    if ARRAYS not in content:
+        raise KeyError(f"the reply has no {ARRAYS!r} ArrayRecord")
+    if METRICS not in content or NUM_EXAMPLES not in content[METRICS]:
+        raise KeyError(f"the reply has no {NUM_EXAMPLES!r} in its {METRICS!r} MetricRecord")
+    n = content[METRICS][NUM_EXAMPLES]
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not float(n).is_integer() or n < 1:
+        raise ValueError(f"{NUM_EXAMPLES} must be a positive integer, got {n!r}")
+    conf = content[CONFIG] if CONFIG in content else {}
+    described = LORA_CONFIG in conf
+    settings = lora_settings(str(conf[LORA_CONFIG])) if described else declared
+    tensors = arrays_to_tensors(content[ARRAYS], str(conf.get(TRANSPORT, "float32")))
+    modules, spec = factors_from_state_dict(tensors, settings, where=f"reply from node {node}", infer_ranks=not described)
+    modules = {k: LoraFactors(A=f.A.float(), B=f.B.float(), scale=f.scale) for k, f in modules.items()}
+    metrics = {k: float(v) for k, v in content[METRICS].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return ParsedReply(ClientUpdate(client_id=str(node), num_examples=int(n), modules=modules), spec, metrics, tensor_bytes(tensors.values()))

@@ -6,14 +6,10 @@ Flower's FedAvg sums the replies' arrays in place, so clients at different LoRA 
 ``get_peft_model_state_dict``, in ``"arrays"`` and its example count in ``"metrics"``), at whatever
 rank each client trains, and hands every node the share of the global update at that node's own
 ranks. The aggregation is the core method's (:mod:`flexlora.methods`); this module turns messages
-into :class:`~flexlora.update.ClientUpdate` objects and back, screens them with
-:mod:`flexlora.validate`, and learns each node's ranks. The message format is in
-:mod:`flexlora.flower.peft_messages`; the byte counts in :mod:`flexlora.flower.accounting`; the
-client side's few lines in :mod:`flexlora.flower.client`.
-
-A node's ranks come from (first that applies): its answer to the strategy's one ``query``
-(:func:`flexlora.flower.client.answer_query`), its last good reply, or the size-mismatch error it
-replied with when a share did not fit its model; until then it gets the declared LoRA config's.
+into :class:`~flexlora.update.ClientUpdate` objects and back and screens them with
+:mod:`flexlora.validate`. One concern per module: the message format in
+:mod:`flexlora.flower.peft_messages`, each node's ranks in :mod:`flexlora.flower.ranks`, the byte
+counts in :mod:`flexlora.flower.accounting`, the client side's few lines in :mod:`flexlora.flower.client`.
 
 The server side needs torch, numpy, safetensors and flwr only (no transformers, PEFT or rouge-score).
 """
@@ -44,14 +40,15 @@ from flexlora.flower.peft_messages import (
     NUM_EXAMPLES,
     SERVER_ROUND,
     TRANSPORT,
-    is_load_error,
+    ParsedReply,
     lora_settings,
-    ranks_from_load_error,
+    parse_reply,
     spec_to_lora_settings,
 )
+from flexlora.flower.ranks import NodeRanks, first_line
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.peft_io import AdapterError, factors_from_state_dict, spec_from_config, state_dict_from_factors, write_adapter
-from flexlora.rounds import rank_summary, tensor_bytes
+from flexlora.rounds import rank_summary
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
 from flexlora.validate import ValidationConfig, screen_updates
 
@@ -96,14 +93,6 @@ class StrategyConfig:
             raise ValueError("query_timeout must be > 0")
 
 
-@dataclass
-class ParsedReply:
-    update: ClientUpdate
-    spec: dict[str, ModuleSpec]
-    metrics: dict[str, float]
-    payload_bytes: int = 0  # the factors as they travelled (their transport dtype)
-
-
 class FlexLoRAStrategy(Strategy):
     """Any flexlora aggregation method as a Flower strategy; every node trains at its own LoRA ranks.
 
@@ -138,10 +127,7 @@ class FlexLoRAStrategy(Strategy):
         self.declared = lora_settings(lora_config if lora_config is not None else {})
         self.state: ServerState | None = None
         self.shapes: dict[str, tuple[int, int]] = {}
-        self.default_spec: dict[str, ModuleSpec] = {}
-        self.node_specs: dict[int, dict[str, ModuleSpec]] = {}  # what each node trains at (query answer, replies, load errors)
-        self.asked: set[int] = set()  # nodes already sent the query (asked once)
-        self.told: set[int] = set()  # nodes whose load error was explained in the log (once)
+        self.ranks: NodeRanks | None = None  # each node's ranks; set up with the first arrays
         self.traffic = Traffic(self.config.transport)
         self._open: dict[str, Any] | None = None  # the record of the round in progress
 
@@ -165,7 +151,8 @@ class FlexLoRAStrategy(Strategy):
         if self.config.fraction_train == 0.0:
             return []
         nodes = _sample(grid, self.config.fraction_train, self.config.min_train_nodes, self.config.min_available_nodes)
-        self._learn_ranks(grid, [n for n in nodes if n not in self.node_specs and n not in self.asked], rec)
+        if self.config.ask_new_nodes:
+            self._ask(grid, self.ranks.to_ask(nodes), rec)
         return [self._share_message(n, server_round, config, MessageType.TRAIN, rec) for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -219,7 +206,7 @@ class FlexLoRAStrategy(Strategy):
             self._close(rec)
             return None, MetricRecord(metrics) if metrics else None
         for u in accepted:
-            self.node_specs[int(u.client_id)] = parsed[u.client_id].spec  # served at the ranks it trains at
+            self.ranks.from_reply(int(u.client_id), parsed[u.client_id].spec)  # served at the ranks it trains at
             rec["nodes"][u.client_id]["status"] = "ok"
         weights = [new_state.weights[u.client_id] for u in accepted]
         rec["aggregation"] = summarise(aggregation_report(new_state, accepted, weights, exact=self.method.exact_aggregate))
@@ -260,13 +247,13 @@ class FlexLoRAStrategy(Strategy):
         if self.state is None:
             raise RuntimeError("the strategy has no global state yet (call start() or configure_train first)")
         factors, specs = {}, {}
-        fresh = self.method.share_for(self.state, self.default_spec)
+        fresh = self.method.share_for(self.state, self.ranks.declared)
         for name, gm in self.state.adapter.items():
             if gm.rank > 0:
                 factors[name] = LoraFactors(A=gm.A.float(), B=gm.B.float(), scale=1.0)
                 specs[name] = ModuleSpec(rank=gm.rank, alpha=float(gm.rank))
             else:
-                factors[name], specs[name] = fresh[name], self.default_spec[name]
+                factors[name], specs[name] = fresh[name], self.ranks.declared[name]
         return factors, specs
 
     def global_arrays(self) -> ArrayRecord:
@@ -280,7 +267,7 @@ class FlexLoRAStrategy(Strategy):
         LoRA state dict (float32): what Flower's loop hands ``evaluate_fn`` and ``Result.arrays``."""
         if self.state is None:
             raise RuntimeError("the strategy has no global state yet (call start() or configure_train first)")
-        return tensors_to_arrays(state_dict_from_factors(self.method.share_for(self.state, self.default_spec)), "float32")
+        return tensors_to_arrays(state_dict_from_factors(self.method.share_for(self.state, self.ranks.declared)), "float32")
 
     def save_adapter(self, folder: Path) -> Path:
         """Write the exact full-rank global update as a PEFT adapter folder (``PeftModel.from_pretrained``
@@ -304,7 +291,7 @@ class FlexLoRAStrategy(Strategy):
         from flexlora.fsutil import atomic_write_text
 
         data = {"method": self.config.method, "transport": self.config.transport, "rounds": self.history, "communication": self.traffic.report(),
-                "node_ranks": {str(n): rank_summary(s) for n, s in sorted(self.node_specs.items())}}
+                "node_ranks": self.ranks.summary() if self.ranks else {}}
         atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True, default=str))
         return Path(path)
 
@@ -319,18 +306,15 @@ class FlexLoRAStrategy(Strategy):
         except AdapterError as e:
             raise ValueError(f"initial_arrays must be a PEFT LoRA state dict (get_peft_model_state_dict): {e}") from None
         self.shapes = {n: (f.d_out, f.d_in) for n, f in modules.items()}
-        self.default_spec = _declared_or(self.declared, specs)
+        self.ranks = NodeRanks(_declared_or(self.declared, specs), self.shapes, self.config.max_rank)
         if any(bool(f.B.any()) for f in modules.values()):
             start = ClientUpdate("initial", 1, {n: LoraFactors(f.A.float(), f.B.float(), f.scale) for n, f in modules.items()})
             self.state = self.method.aggregate([start], round=0)
         else:
             self.state = self.method.initial_state(self.shapes)
 
-    def spec_of(self, node: int) -> dict[str, ModuleSpec]:
-        return self.node_specs.get(node, self.default_spec)
-
     def _share_message(self, node: int, server_round: int, config: ConfigRecord, message_type: str, rec: dict[str, Any]) -> Message:
-        spec = self.spec_of(node)
+        spec = self.ranks.of(node)
         tensors = state_dict_from_factors(self.method.share_for(self.state, spec))
         conf = ConfigRecord(dict(config))
         conf.update({SERVER_ROUND: server_round, LORA_CONFIG: json.dumps(spec_to_lora_settings(spec), sort_keys=True), TRANSPORT: self.config.transport})
@@ -340,65 +324,34 @@ class FlexLoRAStrategy(Strategy):
         self.traffic.payload(entry, "down", sum(t.numel() for t in tensors.values()) * transport_dtype(self.config.transport).itemsize)
         return msg
 
-    def _learn_ranks(self, grid: Grid, nodes: list[int], rec: dict[str, Any]) -> None:
+    def _ask(self, grid: Grid, nodes: list[int], rec: dict[str, Any]) -> None:
         """Ask nodes never heard from for their LoRA config; a node that cannot say gets the declared one."""
-        if not nodes or not self.config.ask_new_nodes:
+        if not nodes:
             return
-        self.asked.update(nodes)
         msgs = [Message(RecordDict({CONFIG: ConfigRecord({"want": LORA_CONFIG})}), dst_node_id=n, message_type=QUERY, ttl=self.config.query_timeout) for n in nodes]
         for m in msgs:
             self.traffic.message(rec, int(m.metadata.dst_node_id), "down", m)
         answers = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(msgs, timeout=self.config.query_timeout)}
         for n in nodes:
-            r = answers.get(n)
-            reason = "no answer to the query"
-            if r is not None:
-                self.traffic.message(rec, n, "up", r)
-                if r.has_error():
-                    reason = "its ClientApp has no query handler" if "No query function registered" in str(r.error.reason) else f"its query handler failed ({_first_line(str(r.error.reason))})"
-                else:
-                    try:
-                        spec = spec_from_config(lora_settings(str(r.content[CONFIG][LORA_CONFIG])), self.shapes, where=f"node {n}'s lora-config")
-                        self._check_spec(spec)
-                    except (AdapterError, UpdateError, KeyError, ValueError, TypeError) as ex:
-                        reason = f"its answer is unusable ({ex})"
-                    else:
-                        self.node_specs[n] = spec
-                        continue
-            LOG.info("flexlora strategy: node %s gets the declared LoRA ranks %s until it replies (%s)", n, rank_summary(self.default_spec), reason)
+            if n in answers:
+                self.traffic.message(rec, n, "up", answers[n])
+            why = self.ranks.from_answer(n, answers.get(n))
+            if why:
+                LOG.info("flexlora strategy: node %s gets the declared LoRA ranks %s until it replies (%s)", n, rank_summary(self.ranks.declared), why)
 
     def _node_error(self, server_round: int, node: int, reason: str, rec: dict[str, Any]) -> str:
-        """Why a node's error reply is dropped. A share that did not fit the node's model (its ranks
-        differ from the ones it was sent) teaches the strategy the node's ranks: it is served at
-        them from the next round. The cause and the fix are logged once per node."""
-        if not is_load_error(reason):
-            return f"node error: {_first_line(reason)}"
-        sent = self.spec_of(node)
-        ranks = ranks_from_load_error(reason) or {}
-        learned = {m: have for m, (_, have) in ranks.items() if m in sent}
-        if learned:
-            spec = {m: (ModuleSpec(learned[m], self.default_spec[m].alpha, self.default_spec[m].rslora) if m in learned else s) for m, s in sent.items()}
-            try:
-                self._check_spec(spec)
-            except UpdateError:
-                learned = {}
-            else:
-                self.node_specs[node] = spec
-        what = (f"its model's LoRA ranks {rank_summary({m: s for m, s in self.node_specs[node].items()})} differ from the share's {rank_summary(sent)}"
-                if learned else f"it could not load the share at ranks {rank_summary(sent)} ({_first_line(reason)})")
+        """Why a node's error reply is dropped; a load error is recorded, and its cause and fix are
+        logged once per node (a share that did not fit teaches the node's ranks: :class:`NodeRanks`)."""
+        load = self.ranks.from_error(node, reason)
+        if load is None:
+            return f"node error: {first_line(reason)}"
+        what, learned = load
         rec.setdefault("load_errors", {})[str(node)] = what
-        if node not in self.told:
-            self.told.add(node)
+        if self.ranks.first_time_told(node):
             then = "it is served at its own ranks from the next round" if learned else "it will fail again at these ranks"
             LOG.warning("flexlora strategy: round %d: node %s cannot load its share: %s; %s. To serve every node at its own ranks from round 1, %s",
                         server_round, node, what, then, CLIENT_FIX)
         return f"load error: {what}"
-
-    def _check_spec(self, spec: Mapping[str, ModuleSpec]) -> None:
-        for name, s in spec.items():
-            limit = min(self.shapes[name])
-            if s.rank > limit or (self.config.max_rank is not None and s.rank > self.config.max_rank):
-                raise UpdateError(f"module {name}: rank {s.rank} exceeds {min(limit, self.config.max_rank or limit)}")
 
     def _begin(self, server_round: int) -> dict[str, Any]:
         if self._open is None or self._open["round"] != server_round:
@@ -419,29 +372,6 @@ class FlexLoRAStrategy(Strategy):
                  rec["round"], 0 if rec.get("kept_previous_state") else len(rec.get("accepted", [])), len(rec.get("dropped", {})), rec["bytes_down"] / 1024, rec["bytes_up"] / 1024, self.traffic.total_bytes / 2**20)
 
 
-def parse_reply(msg: Message, declared: Mapping[str, Any]) -> ParsedReply:
-    """A node's train reply as a :class:`~flexlora.update.ClientUpdate` (float32 factors) with its
-    spec: ranks and alpha from the reply's ``"lora-config"``, else ranks from the shapes and alpha
-    / rsLoRA from ``declared``. Raises KeyError / ValueError / AdapterError naming the problem."""
-    node = int(msg.metadata.src_node_id)
-    content = msg.content
-    if ARRAYS not in content:
-        raise KeyError(f"the reply has no {ARRAYS!r} ArrayRecord")
-    if METRICS not in content or NUM_EXAMPLES not in content[METRICS]:
-        raise KeyError(f"the reply has no {NUM_EXAMPLES!r} in its {METRICS!r} MetricRecord")
-    n = content[METRICS][NUM_EXAMPLES]
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not float(n).is_integer() or n < 1:
-        raise ValueError(f"{NUM_EXAMPLES} must be a positive integer, got {n!r}")
-    conf = content[CONFIG] if CONFIG in content else {}
-    described = LORA_CONFIG in conf
-    settings = lora_settings(str(conf[LORA_CONFIG])) if described else declared
-    tensors = arrays_to_tensors(content[ARRAYS], str(conf.get(TRANSPORT, "float32")))
-    modules, spec = factors_from_state_dict(tensors, settings, where=f"reply from node {node}", infer_ranks=not described)
-    modules = {k: LoraFactors(A=f.A.float(), B=f.B.float(), scale=f.scale) for k, f in modules.items()}
-    metrics = {k: float(v) for k, v in content[METRICS].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return ParsedReply(ClientUpdate(client_id=str(node), num_examples=int(n), modules=modules), spec, metrics, tensor_bytes(tensors.values()))
-
-
 def build_method(config: StrategyConfig) -> AggregationMethod:
     """The configured method; refused when it merges into the base weights (a PEFT client does not)."""
     method = get_method(config.method, **dict(config.method_options))
@@ -451,11 +381,6 @@ def build_method(config: StrategyConfig) -> AggregationMethod:
             "use flexlora, fedavg, hetlora, ffa or rank_partition with this strategy"
         )
     return method
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else text
 
 
 def _declared_or(declared: Mapping[str, Any], inferred: Mapping[str, ModuleSpec]) -> dict[str, ModuleSpec]:

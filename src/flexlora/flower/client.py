@@ -22,7 +22,8 @@ message handling.
 module gets the rank-r representation of the share's update ``s B A`` (exact when the model's rank
 is larger, the best rank-r approximation when it is smaller) and a warning says so; the reply then
 tells the strategy the node's ranks. Needs torch, flwr and (for the model) PEFT; nothing of the
-server's (no aggregation methods). Tested with transformers 4.56 and PEFT 0.17.
+server's (no aggregation methods). Tested with FlowerTune's pins, transformers 4.53.0 and PEFT 0.6.2
+(``scripts/client_floor_check.sh``), and with the versions ``make`` installs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The Flower deployment layer: payloads (:mod:`.payloads`), the node's handlers (:mod:`.node`),
 the server's run (:mod:`.server`), and :mod:`.strategy`, a Flower ``Strategy`` (FlexLoRAStrategy)
-for other people's Flower apps, whose clients send PEFT LoRA state dicts at their own ranks.
+for other people's Flower apps, whose clients send PEFT LoRA state dicts at their own ranks, with
+its message format (:mod:`.peft_messages`), each node's ranks (:mod:`.ranks`), its byte counts
+(:mod:`.accounting`) and the helpers such a ClientApp imports (:mod:`.client`).
 
 The Flower App in ``flower_app/`` is a thin shell over this module, and this module is a thin
 layer over the same core as the in-process simulator: the server side builds a

@@ -165,7 +165,7 @@ def normalise_weights(weights: list[float], updates: list[ClientUpdate]) -> list
     return [w / total for w in weights]
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
     """Fast path: a finite sum (in float64, so no overflow) means every entry is finite."""
     if t.numel() == 0:
         return True
@@ -204,6 +204,6 @@ def check_compatible(updates: list[ClientUpdate]) -> dict[str, tuple[int, int]]:
             for label, t in (("A", f.A), ("B", f.B)):
                 if not t.is_floating_point():
                     raise UpdateError(f"client {u.client_id}, module {name}: lora_{label} has dtype {t.dtype}")
-                if not _all_finite(t):
+                if not all_finite(t):
                     raise UpdateError(f"client {u.client_id}, module {name}: lora_{label} contains NaN or Inf")
     return shapes

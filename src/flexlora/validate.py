@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 
 from flexlora.lowrank import factored_fro_norm, map_modules
-from flexlora.update import AdapterSpec, ClientUpdate, _all_finite
+from flexlora.update import AdapterSpec, ClientUpdate, all_finite
 
 ALLOWED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -56,7 +56,7 @@ def validate_update(
         for label, t in (("lora_A", f.A), ("lora_B", f.B)):
             if t.dtype not in ALLOWED_DTYPES:
                 problems.append(f"module {name}: {label} has dtype {t.dtype}")
-            elif not _all_finite(t):
+            elif not all_finite(t):
                 problems.append(f"module {name}: {label} contains NaN or Inf")
         if (f.d_out, f.d_in) != (d_out, d_in):
             problems.append(f"module {name}: layer shape {(f.d_out, f.d_in)} does not match the base model's {(d_out, d_in)}")

@@ -17,7 +17,7 @@ Partitioners turn ``(example, category)`` records into clients:
 
 Errors follow :mod:`flexlora.data.ni`: DataError naming ``file:line`` (JSONL) or ``file: record N``
 (JSON list, 0-based), or with ``on_error="skip"`` the bad record is dropped and one
-:class:`~flexlora.data.ni.DataWarning` per file lists what was dropped.
+:class:`~flexlora.data.records.DataWarning` per file lists what was dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from flexlora.data.ni import OnError, _Bad, _get_str, _iter_jsonl, _load_json, _open_binary, _Problems, _require_file, _type_name
+from flexlora.data.records import BadRecord, OnError, Problems, get_str, iter_jsonl, load_json, open_binary, require_file, type_name
 from flexlora.data.types import ClientData, DataError, Example
 
 Record = tuple[Example, str]
@@ -45,22 +45,22 @@ def _one_of(obj: dict[str, Any], keys: tuple[str, str], *, required: bool) -> st
     present = [k for k in keys if k in obj]
     if not present:
         if required:
-            raise _Bad(f"missing field {keys[0]!r} (or {keys[1]!r})")
+            raise BadRecord(f"missing field {keys[0]!r} (or {keys[1]!r})")
         return ""
-    values = [_get_str(obj, k) for k in present]
+    values = [get_str(obj, k) for k in present]
     if len(values) == 2 and values[0] != values[1]:
-        raise _Bad(f"fields {keys[0]!r} and {keys[1]!r} are both present and differ")
+        raise BadRecord(f"fields {keys[0]!r} and {keys[1]!r} are both present and differ")
     return values[0]
 
 
 def _parse_record(obj: Any, default_category: str | None) -> Record:
     if not isinstance(obj, dict):
-        raise _Bad(f"must be a JSON object, got {_type_name(obj)}")
-    instruction = _get_str(obj, "instruction", nonempty=True)
+        raise BadRecord(f"must be a JSON object, got {type_name(obj)}")
+    instruction = get_str(obj, "instruction", nonempty=True)
     inp = _one_of(obj, _INPUT_KEYS, required=False)
     out = _one_of(obj, _OUTPUT_KEYS, required=True)
     if "category" in obj or default_category is None:
-        category = _get_str(obj, "category", nonempty=True)
+        category = get_str(obj, "category", nonempty=True)
     else:
         category = default_category
     return Example(instruction, inp, out), category
@@ -68,7 +68,7 @@ def _parse_record(obj: Any, default_category: str | None) -> Record:
 
 def _is_json_list(path: Path) -> bool:
     """True if the first non-blank byte is '[' (a JSON list), else the file is read as JSONL."""
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
             if stripped:
@@ -76,7 +76,7 @@ def _is_json_list(path: Path) -> bool:
     return False
 
 
-def _raw_items(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
+def _raw_items(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
     """(location prefix, parsed object) for each record of a JSON list or JSONL file."""
     try:
         as_list = _is_json_list(path)
@@ -84,12 +84,12 @@ def _raw_items(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
         problems.report(path, f"{path}: unreadable or corrupt file ({type(e).__name__}: {e})")
         return
     if as_list:
-        ok, data = _load_json(path, problems)
+        ok, data = load_json(path, problems)
         if ok:
             for i, obj in enumerate(data):
                 yield f"{path}: record {i}", obj
     else:
-        for lineno, obj in _iter_jsonl(path, problems):
+        for lineno, obj in iter_jsonl(path, problems):
             yield f"{path}:{lineno}", obj
 
 
@@ -98,13 +98,13 @@ def load_instruct(
 ) -> list[Record]:
     """(example, category) records in file order; see the module docstring for formats and errors."""
     p = Path(path)
-    _require_file(p)
-    problems = _Problems(on_error)
+    require_file(p)
+    problems = Problems(on_error)
     records: list[Record] = []
     for where, obj in _raw_items(p, problems):
         try:
             records.append(_parse_record(obj, default_category))
-        except _Bad as e:
+        except BadRecord as e:
             problems.report(p, f"{where}: {e}")
     if not records:
         problems.report(p, f"{p}: no usable records")

@@ -27,19 +27,27 @@ skipping it would silently move unseen tasks into training.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import re
 import warnings
-import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
+from flexlora.data.records import (
+    BadRecord,
+    DataWarning,
+    OnError,
+    Problems,
+    get_int,
+    get_str,
+    iter_jsonl,
+    load_json,
+    require_file,
+    type_name,
+)
 from flexlora.data.types import ClientData, DataError, Example
 
-OnError = Literal["raise", "skip"]
 Layout = Literal["auto", "compact", "official"]
 
 COMPACT_FILE = "clients.jsonl.gz"
@@ -51,123 +59,6 @@ FLAG_TEST_FILE_MISSING = "test_file_missing"
 
 _OFFICIAL_NAME = re.compile(r"^local_(training|eval|test)_(\d+)\.json$")
 _CATEGORY_SUFFIX = re.compile(r" \d+\.json$")
-_GZIP_MAGIC = b"\x1f\x8b"
-_MAX_LISTED_PROBLEMS = 10
-
-
-class DataWarning(UserWarning):
-    """Bad data was skipped because the caller asked for ``on_error="skip"``."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers (also used by flexlora.data.instruct)
-
-
-class _Bad(Exception):
-    """A validation failure inside one unit; the caller turns it into a reported problem."""
-
-
-class _Problems:
-    """Collects problems for one file: raises at the first in "raise" mode, warns once per file in "skip" mode."""
-
-    def __init__(self, on_error: OnError) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.on_error = on_error
-        self._by_file: dict[str, list[str]] = {}
-
-    def report(self, file: Path | str, message: str) -> None:
-        """Raise DataError(message) or remember it; ``message`` already names file and line/record."""
-        if self.on_error == "raise":
-            raise DataError(message)
-        self._by_file.setdefault(str(file), []).append(message)
-
-    def emit_warnings(self) -> None:
-        for file, msgs in self._by_file.items():
-            shown = "; ".join(msgs[:_MAX_LISTED_PROBLEMS])
-            more = f"; ... and {len(msgs) - _MAX_LISTED_PROBLEMS} more" if len(msgs) > _MAX_LISTED_PROBLEMS else ""
-            warnings.warn(f"{file}: skipped {len(msgs)} bad item(s): {shown}{more}", DataWarning, stacklevel=3)
-        self._by_file.clear()
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    """Open plain or gzip data by content (magic bytes), not by file name."""
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
-
-
-def _require_file(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-
-
-def _iter_jsonl(path: Path, problems: _Problems) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON) for each non-blank line; bad lines and damaged gzip are reported."""
-    _require_file(path)
-    lineno = 0
-    try:
-        with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    problems.report(path, f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})")
-                    continue
-                except json.JSONDecodeError as e:
-                    problems.report(path, f"{path}:{lineno}:{e.colno}: invalid JSON: {e.msg}")
-                    continue
-                yield lineno, obj
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        problems.report(
-            path, f"{path}:{lineno + 1}: unreadable, truncated or corrupt data ({type(e).__name__}: {e}); {lineno} line(s) were read"
-        )
-
-
-def _load_json(path: Path, problems: _Problems) -> tuple[bool, Any]:
-    """(ok, parsed JSON) of a whole file; ok is False when the problem was skipped."""
-    try:
-        with _open_binary(path) as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        problems.report(path, f"{path}: unreadable or corrupt file ({type(e).__name__}: {e})")
-        return False, None
-    try:
-        return True, json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        problems.report(path, f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})")
-    except json.JSONDecodeError as e:
-        problems.report(path, f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}")
-    return False, None
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _get_str(obj: dict[str, Any], key: str, *, nonempty: bool = False) -> str:
-    """A required string field (raises _Bad naming the field)."""
-    if key not in obj:
-        raise _Bad(f"missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise _Bad(f"field {key!r} must be a string, got {_type_name(value)}")
-    if nonempty and not value.strip():
-        raise _Bad(f"field {key!r} is empty")
-    return value
-
-
-def _get_int(obj: dict[str, Any], key: str) -> int:
-    if key not in obj:
-        raise _Bad(f"missing field {key!r}")
-    value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad(f"field {key!r} must be an integer, got {_type_name(value)}")
-    if value < 0:
-        raise _Bad(f"field {key!r} must be >= 0, got {value}")
-    return value
 
 
 def _check_positive(name: str, value: int | None, minimum: int = 0) -> None:
@@ -203,13 +94,13 @@ def read_heldout_file(path: str | os.PathLike[str]) -> set[int]:
     Always raises on bad content (never skips): a damaged list would leak unseen tasks into training.
     """
     p = Path(path)
-    _require_file(p)
-    _, data = _load_json(p, _Problems("raise"))
+    require_file(p)
+    _, data = load_json(p, Problems("raise"))
     ids = data.get("client_ids") if isinstance(data, dict) else data
     if isinstance(data, dict) and "client_ids" not in data:
         raise DataError(f"{p}: held-out file has no 'client_ids' key (keys: {sorted(data)[:8]})")
     if not isinstance(ids, list):
-        raise DataError(f"{p}: held-out ids must be a JSON list of integers, got {_type_name(ids)}")
+        raise DataError(f"{p}: held-out ids must be a JSON list of integers, got {type_name(ids)}")
     out: set[int] = set()
     for i, cid in enumerate(ids):
         if isinstance(cid, bool) or not isinstance(cid, int) or cid < 0:
@@ -260,17 +151,17 @@ def detect_layout(path: str | os.PathLike[str]) -> Literal["compact", "official"
 # Compact layout
 
 
-def _compact_records(items: Any, split: str, where: str, definition: str, problems: _Problems, file: Path) -> list[Example]:
+def _compact_records(items: Any, split: str, where: str, definition: str, problems: Problems, file: Path) -> list[Example]:
     """Examples of one split of a compact line; a bad record is reported (and skipped in skip mode)."""
     if not isinstance(items, list):
-        raise _Bad(f"field {split!r} must be a list, got {_type_name(items)}")
+        raise BadRecord(f"field {split!r} must be a list, got {type_name(items)}")
     out: list[Example] = []
     for j, rec in enumerate(items):
         try:
             if not isinstance(rec, dict):
-                raise _Bad(f"must be an object, got {_type_name(rec)}")
-            out.append(Example(definition, _get_str(rec, "input"), _get_str(rec, "output")))
-        except _Bad as e:
+                raise BadRecord(f"must be an object, got {type_name(rec)}")
+            out.append(Example(definition, get_str(rec, "input"), get_str(rec, "output")))
+        except BadRecord as e:
             problems.report(file, f"{where}: {split}[{j}]: {e}")
     return out
 
@@ -279,38 +170,38 @@ def _parse_compact_line(
     obj: Any,
     where: str,
     file: Path,
-    problems: _Problems,
+    problems: Problems,
     max_train: int | None,
     max_eval: int | None,
     max_chars: int | None,
 ) -> ClientData:
-    """One client from one compact JSONL object (raises _Bad for client-level problems)."""
+    """One client from one compact JSONL object (raises BadRecord for client-level problems)."""
     if not isinstance(obj, dict):
-        raise _Bad(f"a line must be a JSON object, got {_type_name(obj)}")
-    cid = _get_int(obj, "client_id")
+        raise BadRecord(f"a line must be a JSON object, got {type_name(obj)}")
+    cid = get_int(obj, "client_id")
     where = f"{where}: client {cid}"
     try:
-        category = _get_str(obj, "category", nonempty=True)
-        definition = _get_str(obj, "definition", nonempty=True)
-        n_train_full = _get_int(obj, "n_train_full")
+        category = get_str(obj, "category", nonempty=True)
+        definition = get_str(obj, "definition", nonempty=True)
+        n_train_full = get_int(obj, "n_train_full")
         heldout = obj.get("heldout", False)
         if not isinstance(heldout, bool):
-            raise _Bad(f"field 'heldout' must be true/false, got {_type_name(heldout)}")
+            raise BadRecord(f"field 'heldout' must be true/false, got {type_name(heldout)}")
         flags = obj.get("flags", [])
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-            raise _Bad("field 'flags' must be a list of strings")
+            raise BadRecord("field 'flags' must be a list of strings")
         for key in ("train", "eval"):
             if key not in obj:
-                raise _Bad(f"missing field {key!r}")
+                raise BadRecord(f"missing field {key!r}")
         train = _compact_records(obj["train"], "train", where, definition, problems, file)
         evals = _compact_records(obj["eval"], "eval", where, definition, problems, file)
         test = _compact_records(obj.get("test", []), "test", where, definition, problems, file)
-    except _Bad as e:
-        raise _Bad(f"client {cid}: {e}") from None
+    except BadRecord as e:
+        raise BadRecord(f"client {cid}: {e}") from None
     if n_train_full < len(obj["train"]):
-        raise _Bad(f"client {cid}: n_train_full ({n_train_full}) is smaller than its {len(obj['train'])} train records")
+        raise BadRecord(f"client {cid}: n_train_full ({n_train_full}) is smaller than its {len(obj['train'])} train records")
     if not train and not evals and not test and n_train_full == 0:
-        raise _Bad(f"client {cid}: empty client (no train, eval or test records and n_train_full = 0)")
+        raise BadRecord(f"client {cid}: empty client (no train, eval or test records and n_train_full = 0)")
     return ClientData(
         client_id=cid,
         category=category,
@@ -325,7 +216,7 @@ def _parse_compact_line(
 
 def _load_compact(
     file: Path,
-    problems: _Problems,
+    problems: Problems,
     wanted: set[int] | None,
     max_train: int | None,
     max_eval: int | None,
@@ -333,13 +224,13 @@ def _load_compact(
 ) -> list[ClientData]:
     clients: dict[int, ClientData] = {}
     first_line: dict[int, int] = {}
-    for lineno, obj in _iter_jsonl(file, problems):
+    for lineno, obj in iter_jsonl(file, problems):
         where = f"{file}:{lineno}"
         if wanted is not None and isinstance(obj, dict) and isinstance(obj.get("client_id"), int) and obj["client_id"] not in wanted:
             continue  # not asked for: not validated further either (keeps partial loads fast)
         try:
             client = _parse_compact_line(obj, where, file, problems, max_train, max_eval, max_chars)
-        except _Bad as e:
+        except BadRecord as e:
             problems.report(file, f"{where}: {e}")
             continue
         if client.client_id in clients:
@@ -369,32 +260,32 @@ def infer_train_size(n_eval_full: int, n_test_full: int) -> int | None:
     return best
 
 
-def _official_file(path: Path, problems: _Problems, category: list[str | None]) -> list[Example] | None:
+def _official_file(path: Path, problems: Problems, category: list[str | None]) -> list[Example] | None:
     """Examples of one local_*_i.json file; None if the file is unusable (skipped).
 
     ``category`` is a one-item cell shared by a client's files: the first record sets it, and a
     record whose category differs is a bad record (a client is one task).
     """
-    ok, data = _load_json(path, problems)
+    ok, data = load_json(path, problems)
     if not ok:
         return None
     if not isinstance(data, list):
-        problems.report(path, f"{path}: must hold a JSON list of records, got {_type_name(data)}")
+        problems.report(path, f"{path}: must hold a JSON list of records, got {type_name(data)}")
         return None
     out: list[Example] = []
     for i, rec in enumerate(data):
         try:
             if not isinstance(rec, dict):
-                raise _Bad(f"must be an object, got {_type_name(rec)}")
-            instruction = _get_str(rec, "instruction", nonempty=True)
-            inp = _get_str(rec, "input")
-            outp = _get_str(rec, "output")
-            cat = strip_category_suffix(_get_str(rec, "category", nonempty=True))
+                raise BadRecord(f"must be an object, got {type_name(rec)}")
+            instruction = get_str(rec, "instruction", nonempty=True)
+            inp = get_str(rec, "input")
+            outp = get_str(rec, "output")
+            cat = strip_category_suffix(get_str(rec, "category", nonempty=True))
             if category[0] is None:
                 category[0] = cat
             elif cat != category[0]:
-                raise _Bad(f"category {cat!r} differs from the client's category {category[0]!r}")
-        except _Bad as e:
+                raise BadRecord(f"category {cat!r} differs from the client's category {category[0]!r}")
+        except BadRecord as e:
             problems.report(path, f"{path}: record {i}: {e}")
             continue
         out.append(Example(instruction, inp, outp))
@@ -412,7 +303,7 @@ def _official_ids(directory: Path) -> dict[int, dict[str, Path]]:
 
 def _load_official(
     directory: Path,
-    problems: _Problems,
+    problems: Problems,
     wanted: set[int] | None,
     max_train: int | None,
     max_eval: int | None,
@@ -502,7 +393,7 @@ def load_ni(
     _check_positive("max_chars", max_chars, minimum=1)
     if layout not in ("auto", "compact", "official"):
         raise ValueError(f"layout must be 'auto', 'compact' or 'official', not {layout!r}")
-    problems = _Problems(on_error)
+    problems = Problems(on_error)
     explicit = _explicit_heldout(heldout_file, heldout_ids)
     wanted = None if client_ids is None else {int(c) for c in client_ids}
     p = Path(path)

@@ -133,7 +133,8 @@ def publish(label: str, scratch: Path, extra: dict[str, Any]) -> None:
 
 # -- token planning -----------------------------------------------------------------------------
 def plan_tokens(cfg: RunConfig, clients, tokenizer) -> int:
-    from flexlora.rounds import derived_seed, sample_clients
+    from flexlora.rounds import sample_clients
+    from flexlora.seeds import derived_seed
     from flexlora.train import planned_tokens
 
     train = [c for c in clients if not c.heldout and c.train]  # sampling needs no model

@@ -131,7 +131,8 @@ def _print_plan(cfg) -> int:
     import functools
 
     from flexlora.models import load_tokenizer
-    from flexlora.rounds import derived_seed, sample_clients
+    from flexlora.rounds import sample_clients
+    from flexlora.seeds import derived_seed
     from flexlora.simulate import load_clients
     from flexlora.train import tokenize_client, planned_tokens
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 import random
 import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from flexlora.seeds import derived_seed
 from flexlora.update import ModuleSpec
 
 ATTENTION = "attention"
@@ -166,7 +166,7 @@ class BudgetPolicy:
         return params * self.bytes_per_param / 2**20
 
     def rank_for(self, budget_mib: float, shapes: Mapping[str, tuple[int, int]], client_id: int, round: int, seed: int) -> int:
-        rng = random.Random(zlib.crc32(f"{seed}/{client_id}/{round}".encode()))
+        rng = random.Random(derived_seed(seed, client_id, round))
         available = budget_mib * (1 + rng.uniform(-self.fluctuation, self.fluctuation))
         fitting = [r for r in sorted(self.ranks) if self.memory_mib(r, shapes) <= available]
         return fitting[-1] if fitting else min(self.ranks)

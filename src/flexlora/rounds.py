@@ -15,7 +15,6 @@ import enum
 import math
 import random
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -25,6 +24,7 @@ from torch import Tensor
 from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.methods import AggregationMethod
 from flexlora.privacy import Mechanism, aggregate_private, epsilon, noise_generator, privatize
+from flexlora.seeds import derived_seed
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
 from flexlora.validate import ValidationConfig, screen_updates
@@ -32,11 +32,6 @@ from flexlora.validate import ValidationConfig, screen_updates
 if TYPE_CHECKING:
     from flexlora.config import RunConfig
     from flexlora.data.types import ClientData
-
-
-def derived_seed(*parts: Any) -> int:
-    """The one seed derivation of a run: every random choice is seeded from the run seed and its purpose."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 class ClientStatus(str, enum.Enum):

@@ -38,10 +38,10 @@ from flexlora.rounds import (
     RoundEngine,
     RoundOutcome,
     build_federation,
-    derived_seed,
     factor_bytes,
     metrics_entry,
 )
+from flexlora.seeds import derived_seed
 from flexlora.slora import SparseWarmup
 from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from flexlora.data.types import ClientData
 from flexlora.failures import draw_failure
-from flexlora.rounds import ClientStatus, derived_seed, mean, rank_summary
+from flexlora.rounds import ClientStatus, mean, rank_summary
+from flexlora.seeds import derived_seed
 from flexlora.train import sparse_mask, train_client_sparse
 from flexlora.update import GlobalModule, ModuleSpec, ServerState
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flexlora.data.types import ClientData, Example
+from flexlora.seeds import labelled_random
 
 Generator = Callable[[random.Random], tuple[str, str]]
 
@@ -507,12 +508,12 @@ def make_suite(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     train_tasks, held_tasks = split_tasks(heldout_tasks)
-    sizes = _sizes(num_train_clients, examples_per_client, random.Random(f"flexlora-suite-sizes:{seed}"))
+    sizes = _sizes(num_train_clients, examples_per_client, labelled_random(f"flexlora-suite-sizes:{seed}"))
     plan = [(train_tasks[i % len(train_tasks)], sizes[i], False) for i in range(num_train_clients)]
     plan += [(task, examples_per_client, True) for task in held_tasks]
     clients = []
     for cid, (task, n_train, heldout) in enumerate(plan):
-        rng = random.Random(f"flexlora-suite:{seed}:{cid}:{task.name}")
+        rng = labelled_random(f"flexlora-suite:{seed}:{cid}:{task.name}")
         train, evals = _draw(task, rng, n_train, eval_per_client, f"client {cid}")
         clients.append(
             ClientData(

@@ -10,13 +10,13 @@ for zero-padded states it is HetLoRA's truncation. A method overrides only what 
 from __future__ import annotations
 
 import math
-import zlib
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from flexlora.seeds import module_seed
 from flexlora.update import (
     AdapterSpec,
     ClientUpdate,
@@ -184,7 +184,7 @@ def modules_on_cpu(modules: Mapping[str, GlobalModule]) -> dict[str, GlobalModul
 
 
 def _module_seed(state: ServerState, name: str) -> int:
-    return (int(state.info.get("seed", 0)) * 1_000_003 + state.round * 7919 + zlib.crc32(name.encode())) % (2**63)
+    return module_seed(int(state.info.get("seed", 0)), state.round, name)
 
 
 def fresh_lora_rows(rank: int, d_in: int, seed: int, dtype: torch.dtype) -> Tensor:

@@ -43,3 +43,13 @@ def test_run_is_the_command_line_run(tmp_path):
     a = (tmp_path / "cli" / "final" / "global" / "adapter_model.safetensors").read_bytes()
     b = (tmp_path / "api" / "final" / "global" / "adapter_model.safetensors").read_bytes()
     assert a == b
+
+
+def test_run_checks_a_config_object_before_any_work(tmp_path):
+    from flexlora.config import ConfigError, load_config
+
+    cfg = load_config(SMOKE)
+    cfg.federation.rounds = 0
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        flexlora.run(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -30,11 +30,11 @@ _LAZY = {
     "FlexLoRAStrategy": "flexlora.flower.strategy",
 }
 
-__all__ = ["__version__", "run", *_LAZY]
+__all__ = ["__version__", "run", "get_method", "METHODS", "aggregate_adapter_dirs", "load_config", "RunConfig", "FlexLoRAStrategy"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from flexlora.aggregate_dirs import aggregate_adapter_dirs
-    from flexlora.config import RunConfig, load_config, validate
+    from flexlora.config import RunConfig, load_config
     from flexlora.flower.strategy import FlexLoRAStrategy
     from flexlora.methods import METHODS, get_method
 

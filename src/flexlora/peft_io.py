@@ -120,6 +120,12 @@ def _lora_settings(config: Mapping[str, Any], where: str) -> tuple[int, float, d
         raise AdapterError(f"{where}: bad r / lora_alpha / rank_pattern / alpha_pattern ({e})") from None
 
 
+def module_of_key(key: str) -> tuple[str, str] | None:
+    """(module name, "A" or "B") of a PEFT LoRA state-dict key, or None for any other tensor."""
+    m = _KEY.match(key)
+    return (m["module"], m["which"]) if m else None
+
+
 def peft_key(module: str, which: str) -> str:
     """The key ``get_peft_model_state_dict`` gives a module's lora_A / lora_B weight."""
     return f"base_model.model.{module}.lora_{which}.weight"

@@ -181,3 +181,27 @@ def test_the_same_run_gives_the_same_bytes_with_the_cores_loaded(short_run, tmp_
             h.kill()
             h.wait()
     assert _final_bytes(tmp_path / "loaded") == _final_bytes(short_run)
+
+
+def test_every_module_runs_at_the_thread_count_map_modules_gives_it_whichever_worker_takes_it():
+    """The cause of bytes changing with the load: a worker thread's OpenMP/MKL counts started at the machine's
+    default and took torch's setting only at its first parallel op, so a module's BLAS/LAPACK calls ran on one
+    or on every thread depending on which worker took it and when. Read the counts each item sees."""
+    import ctypes
+    import glob
+
+    from flexlora.lowrank import map_modules
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    gomp = glob.glob(os.path.join(lib, "libgomp*.so*"))
+    if not gomp or torch.get_num_threads() < 2:
+        pytest.skip("needs torch's bundled libgomp and at least 2 threads")
+    omp = ctypes.CDLL(gomp[0])  # the instance torch loaded (same file)
+    cpu = glob.glob(os.path.join(lib, "libtorch_cpu.so"))
+    mkl = getattr(ctypes.CDLL(cpu[0]), "mkl_get_max_threads", None) if cpu else None
+    threads = torch.get_num_threads()
+    items = list(range(3 * threads))
+    seen = map_modules(lambda _: (omp.omp_get_max_threads(), mkl() if mkl else 1), items)
+    each = threads // min(threads, len(items))
+    assert seen == [(each, each if mkl else 1)] * len(items)
+    assert torch.get_num_threads() == threads

@@ -87,7 +87,7 @@ def aggregate_adapter_dirs(
                 g_factors[n] = LoraFactors(A=torch.cat([x.A for x in parts], 0), B=torch.cat([x.B for x in parts], 1), scale=1.0)
         if g_factors:
             write_full_rank(tmp / "global", g_factors, adapters[0].config, out_dtype)
-        base_update = merged and any(gm.rank > 0 for gm in state.adapter.values())  # not all of global/: say which part
+        base_update = bool(merged) and any(gm.rank > 0 for gm in state.adapter.values())  # not all of global/: say which part
         if base_update:
             write_full_rank(tmp / "base_update", {n: LoraFactors(A=gm.A, B=gm.B, scale=1.0) for n, gm in merged.items()}, adapters[0].config, out_dtype)
         t_write = time.perf_counter()

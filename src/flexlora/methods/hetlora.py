@@ -32,8 +32,8 @@ Weighting = Literal["norm", "data", "norm_x_data"]
 class HetLoRA(AggregationMethod):
     name = "hetlora"
     shares_text = (
-        "the zero-padded, norm-weighted average truncated to each input's ranks (HetLoRA): the adapter that input's "
-        "client continues from"
+        "the zero-padded average (weighted as the `weighting` option says; update norms by default) truncated to each "
+        "input's ranks (HetLoRA): the adapter that input's client continues from"
     )
     dp_note = "its weights are the clients' update norms, so one client changes every other client's weight"
     paper = "Cho et al., EMNLP 2024 (arXiv:2401.06432)"

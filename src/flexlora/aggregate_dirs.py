@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,22 +66,30 @@ def aggregate_adapter_dirs(
             raise AdapterError(f"{a.path / 'adapter_model.safetensors'}: {problems[0]}")
 
     method.check_specs([a.specs for a in adapters], labels=[str(a.path) for a in adapters])
+    notes = rank_notes(adapters)
+    for line in notes:  # said before the work, like a run's capping note
+        print(f"{method.name}: {line}", file=sys.stderr)
     state = method.aggregate(updates, weights=p)
     t_agg = time.perf_counter()
+    # what is written: at least float32 whatever the inputs (a bf16 input must not round the aggregate)
+    out_dtype = torch.promote_types(torch.float32, method.dtype)
 
     with atomic_directory(out) as tmp:  # replaces ``out`` (a flexlora output, checked above) only when complete
         mark_output(tmp, "aggregate")
         for a, name in zip(adapters, names):
             share = method.share_for(state, a.specs)
-            write_adapter(tmp / name, share, a.specs, template=a.config, dtype=a.dtype)
+            write_adapter(tmp / name, share, a.specs, template=a.config, dtype=out_dtype)
+        merged = {n: gm for n, gm in (state.base_delta or {}).items() if gm.rank > 0}
         g_factors = {}  # the exact global update: the adapter plus what the method merges into the base weights
         for n, gm in state.adapter.items():
-            parts = [x for x in (gm, (state.base_delta or {}).get(n)) if x is not None and x.rank > 0]
+            parts = [x for x in (gm, merged.get(n)) if x is not None and x.rank > 0]
             if parts:
                 g_factors[n] = LoraFactors(A=torch.cat([x.A for x in parts], 0), B=torch.cat([x.B for x in parts], 1), scale=1.0)
-        g_specs = {n: ModuleSpec(rank=f.rank, alpha=float(f.rank)) for n, f in g_factors.items()}
         if g_factors:
-            write_adapter(tmp / "global", g_factors, g_specs, template=adapters[0].config, dtype=adapters[0].dtype, use_rslora=False)
+            write_full_rank(tmp / "global", g_factors, adapters[0].config, out_dtype)
+        base_update = bool(merged) and any(gm.rank > 0 for gm in state.adapter.values())  # not all of global/: say which part
+        if base_update:
+            write_full_rank(tmp / "base_update", {n: LoraFactors(A=gm.A, B=gm.B, scale=1.0) for n, gm in merged.items()}, adapters[0].config, out_dtype)
         t_write = time.perf_counter()
         share_ranks = {n: sorted({a.specs[n].rank for a in adapters}) for n in adapters[0].specs}
         diag = aggregation_report(state, updates, p, share_ranks)
@@ -93,6 +102,10 @@ def aggregate_adapter_dirs(
             "base_model": base_models[0] if len(base_models) == 1 else (base_models or None),
             "merge_into_base": bool(state.info.get("merge_into_base", False)),
             "global_adapter": "global/" if g_factors else None,
+            "base_update": "base_update/" if base_update else None,
+            "shares": method.shares_text,
+            "rank_notes": notes,
+            "dtype": str(out_dtype).removeprefix("torch."),
             "summary": summarise(diag),
             "modules": diag,
             "svd_paths": state.info.get("svd_paths"),
@@ -106,6 +119,28 @@ def aggregate_adapter_dirs(
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
     return report
+
+
+def write_full_rank(folder: Path, factors: dict[str, LoraFactors], template: dict[str, Any], dtype: torch.dtype) -> None:
+    """An update held as factors, as a PEFT adapter at its own rank with scale 1 (alpha = r): ``B @ A`` exactly."""
+    specs = {n: ModuleSpec(rank=f.rank, alpha=float(f.rank)) for n, f in factors.items()}
+    write_adapter(folder, factors, specs, template=template, dtype=dtype, use_rslora=False)
+
+
+def rank_notes(adapters: Sequence[Adapter]) -> list[str]:
+    """A rank above its layer's width, min(d_out, d_in), is accepted (PEFT trains it) and said: the layer's
+    update has at most that rank, so the extra ranks add nothing; each input's share keeps the input's rank."""
+    notes = []
+    for a in adapters:
+        over = [(n, s.rank, min(a.modules[n].d_out, a.modules[n].d_in)) for n, s in a.specs.items() if n in a.modules and s.rank > min(a.modules[n].d_out, a.modules[n].d_in)]
+        if over:
+            n, r, w = over[0]
+            more = f" (and {len(over) - 1} more layers)" if len(over) > 1 else ""
+            notes.append(
+                f"{a.path}: rank {r} exceeds the width {w} of layer {n}{more}: its update has rank at most {w}, so the ranks "
+                f"above add nothing; its share keeps rank {r}"
+            )
+    return notes
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:

@@ -83,14 +83,12 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         f"mean rel. error vs exact average {summary.get('rel_error_vs_exact', 0):.2e}, "
         f"aggregation {report['timings_s']['aggregate']:.2f}s)"
     )
+    print(f"{report['method']}: the per-input folders hold {report['shares']}")  # the method's own words
     if report["merge_into_base"]:
         from pathlib import Path
 
-        print(
-            f"{report['method']}: merge {Path(args.out) / 'global'} into the base model first "
-            "(PeftModel.from_pretrained(base, that folder).merge_and_unload()); the per-input folders are fresh B = 0 adapters "
-            "to train next on the merged model, not the aggregate"
-        )
+        merge = Path(args.out) / (report["base_update"] or "global")
+        print(f"{report['method']}: merge {merge} into the base model with PeftModel.from_pretrained(base, that folder).merge_and_unload()")
     if isinstance(report.get("base_model"), list):
         print(f"{report['method']}: --allow-different-base: the inputs name different base models {report['base_model']}")
     return 0
@@ -110,6 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.plan:
         return _print_plan(cfg)
     out = Path(args.out)
+    if args.resume and not out.exists():
+        raise ConfigError(f"--resume: {out} does not exist, so there is no run to continue (drop --resume to start one there)")
     inputs = [p for p in (cfg.data.path, cfg.data.heldout_file, cfg.model.source) if p and Path(p).exists()]
     check_output_folder(out, inputs, overwrite=args.overwrite, resume=args.resume)
     if args.overwrite and not args.resume and out.is_dir() and any(out.iterdir()):
@@ -121,9 +121,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = Simulation(cfg, out, progress=not args.quiet).run(resume=args.resume)
     from flexlora.compare import print_table
 
-    print_table([summary])
-    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}  adapters: {summary['final_adapters']}")
+    print_table([summary], title=f"flexlora run {cfg.name}")
+    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}  adapters: {summary['final_adapters']}{final_contents(Path(summary['final_adapters']))}")
     return 0
+
+
+def final_contents(final) -> str:
+    """What a run's final/ holds, in words: the names are the run's resource types that some client had."""
+    if not final.is_dir():
+        return ""
+    shares = sorted(p.name for p in final.iterdir() if p.is_dir() and p.name != "global")
+    text = " (global/: the exact global update"
+    if shares:
+        text += f"; {', '.join(s + '/' for s in shares)}: the share a client of that resource type receives"
+    return text + ")"
 
 
 def _print_plan(cfg) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from flexlora.config import ConfigError, RunConfig, deep_merge, from_dict, validate
 from flexlora.models import load_model
-from flexlora.simulate import Simulation, config_fingerprint, load_clients
+from flexlora.simulate import Simulation, check_run, config_fingerprint, load_clients
 
 
 def expand_runs(base: Mapping[str, Any], methods: Sequence[str] | None = None) -> list[tuple[str, RunConfig]]:
@@ -44,9 +44,21 @@ def expand_runs(base: Mapping[str, Any], methods: Sequence[str] | None = None) -
 
 def run_compare(runs: list[tuple[str, RunConfig]], out: Path, progress: bool = True) -> list[dict[str, Any]]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(runs[0][1].model)
     data_cache: dict[str, Any] = {}
+
+    def clients_of(cfg: RunConfig) -> Any:
+        key = json.dumps({**cfg.data.__dict__, "seed": cfg.federation.seed}, sort_keys=True)
+        if key not in data_cache:
+            data_cache[key] = load_clients(cfg)
+        return data_cache[key]
+
+    for label, cfg in runs:  # every run's refusals before the first one trains
+        try:
+            check_run(cfg, model, clients_of(cfg))
+        except ValueError as e:  # config, data and method errors alike: one line, exit 2, nothing written
+            raise ConfigError(f"compare run {label!r}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for label, cfg in runs:
         run_dir = out / label
@@ -54,10 +66,7 @@ def run_compare(runs: list[tuple[str, RunConfig]], out: Path, progress: bool = T
         if done.exists() and (run_dir / "fingerprint").exists() and (run_dir / "fingerprint").read_text() == config_fingerprint(cfg):
             summaries.append(json.loads(done.read_text()))
             continue
-        key = json.dumps({**cfg.data.__dict__, "seed": cfg.federation.seed}, sort_keys=True)
-        if key not in data_cache:
-            data_cache[key] = load_clients(cfg)
-        sim = Simulation(cfg, run_dir, model=model, tokenizer=tokenizer, clients=data_cache[key], progress=progress)
+        sim = Simulation(cfg, run_dir, model=model, tokenizer=tokenizer, clients=clients_of(cfg), progress=progress)
         try:
             summary = sim.run(resume=True)
         finally:
@@ -111,11 +120,11 @@ def _epsilon(summary: Mapping[str, Any]) -> str:
     return f"{pv['epsilon']:.2f} (d={pv['delta']:.0e})"
 
 
-def print_table(summaries: Sequence[dict[str, Any]]) -> None:
+def print_table(summaries: Sequence[dict[str, Any]], title: str = "flexlora compare") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="flexlora compare")
+    table = Table(title=title)
     for col in ("run", "aggregation", "ranks", "rounds", "tokens", "train loss", "Rouge-L base", "Rouge-L final", "eval loss", "epsilon", "train s"):
         table.add_column(col, justify="right" if col not in ("run", "aggregation", "ranks") else "left")
     fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731

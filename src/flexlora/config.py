@@ -463,10 +463,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 RUNS_ANYWHERE = ("model.device", "federation.server_device")  # a run moves between devices: not a config change
 
 
-def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+def config_changes(saved: dict[str, Any], cfg: RunConfig, allowed: Sequence[str] = ()) -> list[str]:
     """The config keys that make a checkpoint unusable for ``cfg``: values that differ, except options
     the checkpoint's config does not know yet (added to flexlora since) that are at their default,
-    which by construction change nothing. ``name`` and ``compare`` never matter."""
+    which by construction change nothing, and the keys in ``allowed`` (the caller checks those).
+    ``name`` and ``compare`` never matter."""
     def plain(d: dict[str, Any]) -> dict[str, Any]:  # as config.json stores it: JSON types, flat dotted keys
         return _flatten(json.loads(json.dumps(d, default=str)))
 
@@ -477,7 +478,7 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
             d["model.dtype"] = here
     changed = []
     for key in sorted(set(old) | set(new)):
-        if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE:
+        if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE or key in allowed:
             continue
         if key not in old:
             if new[key] != default.get(key):

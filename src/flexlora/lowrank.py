@@ -172,16 +172,27 @@ def map_modules(fn: Callable[[Item], Result], items: Iterable[Item], device: tor
     worker gets an equal share of the threads (one 4096-wide module keeps them all). With at least
     as many modules as threads every module is computed on one thread, so the result does not
     depend on the thread count. torch's thread count is restored afterwards. On a GPU: a plain loop.
+
+    Every item sets its thread's count itself: a new thread's OpenMP and MKL start at the machine's
+    default and take torch's setting only at the thread's first parallel op, so without it a module's
+    LAPACK/BLAS calls ran on 1 or on all threads depending on which worker took it and when (the
+    machine's load), and the bytes of the result changed with the load.
     """
     items = list(items)
     threads = torch.get_num_threads()
     workers = min(threads, len(items))
     if torch.device(device).type != "cpu" or workers <= 1:
         return [fn(x) for x in items]
-    torch.set_num_threads(threads // workers)
+    each = threads // workers
+
+    def pinned(x: Item) -> Result:
+        torch.set_num_threads(each)  # this thread's OpenMP and MKL counts, whatever ran on it before
+        return fn(x)
+
+    torch.set_num_threads(each)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexlora-module") as pool:
-            return list(pool.map(fn, items))
+            return list(pool.map(pinned, items))
     finally:
         torch.set_num_threads(threads)
 

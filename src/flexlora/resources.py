@@ -144,7 +144,7 @@ class RankPolicy:
             width = min(d_out, d_in)
             if r > width:
                 if not self.cap_at_width:
-                    raise ResourceError(f"rank {r} for module {name} exceeds its width {width} (d_out={d_out}, d_in={d_in}); enable cap_at_width")
+                    raise ResourceError(f"rank {r} for module {name} exceeds its width {width} (d_out={d_out}, d_in={d_in}); lora.cap_at_width = true caps it at the width")
                 notes.append(f"{name.rsplit('.', 1)[-1]}: rank {r} capped at width {width}")
                 r = width
             specs[name] = ModuleSpec(rank=r, alpha=self.alpha, rslora=self.rslora)

@@ -108,6 +108,18 @@ def why_nothing_to_evaluate(cfg: RunConfig, clients: list[ClientData]) -> str | 
     return None
 
 
+def check_run(cfg: RunConfig, model, clients: list[ClientData]) -> tuple[AggregationMethod, Federation]:
+    """The run's method and federation, with everything refused that model and data decide (ranks the
+    method cannot mix, ranks a layer cannot hold, too few clients): before any training. ``compare``
+    calls it for every run before the first one trains."""
+    fed = cfg.federation
+    device = resolve_device(fed.server_device, "federation.server_device")
+    method = get_method(fed.aggregation, dtype=resolve_dtype(fed.server_dtype), seed=fed.seed, device=device, **dict(fed.method_options))
+    federation = build_federation(cfg, clients, target_module_names(model, cfg.lora.targets))
+    method.check_specs(list(federation.specs.values()), labels=[f"client {cid} ({federation.types.get(cid)})" for cid in federation.specs])
+    return method, federation
+
+
 class Simulation(SparseWarmup):
     """A federated run in one process. ``run()`` is resumable at round granularity."""
 
@@ -121,9 +133,8 @@ class Simulation(SparseWarmup):
         self.model, self.tokenizer = model, tokenizer
         self.clients = clients if clients is not None else load_clients(cfg)
         self.server_dtype = resolve_dtype(cfg.federation.server_dtype)
-        self.method = self._method()
-        self.engine = RoundEngine(cfg, build_federation(cfg, self.clients, target_module_names(self.model, cfg.lora.targets)), self.method, self.server_dtype)
-        self.method.check_specs(list(self.fed.specs.values()), labels=[f"client {cid} ({self.fed.types.get(cid)})" for cid in self.fed.specs])
+        self.method, federation = check_run(cfg, self.model, self.clients)
+        self.engine = RoundEngine(cfg, federation, self.method, self.server_dtype)
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, self.method.local_training(cfg.train), self.method.local_penalty(cfg.train))
         # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
         # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)
@@ -152,11 +163,6 @@ class Simulation(SparseWarmup):
     def client_state(self, value: dict[str, Any]) -> None:
         self.engine.client_state = value
 
-    def _method(self) -> AggregationMethod:
-        fed = self.cfg.federation
-        device = resolve_device(fed.server_device, "federation.server_device")
-        return get_method(fed.aggregation, dtype=self.server_dtype, seed=fed.seed, device=device, **dict(fed.method_options))
-
     def sample(self, rnd: int) -> list[ClientData]:
         return self.engine.sample(rnd)
 
@@ -169,22 +175,30 @@ class Simulation(SparseWarmup):
         the in-process round (the Flower ServerApp passes one that trains on remote nodes)."""
         cfg = self.cfg
         round_fn = round_fn or self.run_round
+        had_files = self.out.is_dir() and any(self.out.iterdir())
+        ckpt = load_checkpoint(self.out) if resume else None
+        if ckpt is not None:
+            self.check_resumable(ckpt)
+            done = _read_summary(self.out)
+            if ckpt["round"] >= cfg.federation.rounds and done is not None and done.get("rounds") == ckpt["round"]:
+                print(
+                    f"{cfg.name}: {self.out} is a complete run ({ckpt['round']} of {cfg.federation.rounds} rounds): nothing to do; "
+                    f"--set federation.rounds=N (N > {ckpt['round']}) extends it",
+                    file=sys.stderr,
+                )
+                return done
+            planned = (ckpt.get("config") or {}).get("federation", {}).get("rounds", cfg.federation.rounds)
+            if planned < cfg.federation.rounds:
+                print(f"{cfg.name}: extending the run from {planned} to {cfg.federation.rounds} rounds (resuming after round {ckpt['round']})", file=sys.stderr)
+        elif resume and had_files:
+            print(f"{cfg.name}: {self.out} holds no checkpoint yet (the run stopped in round 1): starting at round 1", file=sys.stderr)
         self.out.mkdir(parents=True, exist_ok=True)
         mark_output(self.out, "run")
         fingerprint = config_fingerprint(cfg)
         start_round = 1
         state = self.method.initial_state(self.fed.shapes)
         history: list[dict[str, Any]] = []
-        ckpt = load_checkpoint(self.out) if resume else None
         if ckpt is not None:
-            if ckpt["fingerprint"] != fingerprint:
-                saved = ckpt.get("config") or _saved_config(self.out)
-                changed = config_changes(saved, cfg) if saved is not None else ["(the checkpoint's config is not saved beside it)"]
-                if changed:
-                    raise ConfigError(
-                        f"{self.out}: the checkpoint was made with a different config ({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
-                        "resume with the same config or use a new --out"
-                    )
             state = state_from_dict(ckpt["state"])
             self.merged = ckpt["merged"]
             self.client_state = ckpt["client_state"]
@@ -216,6 +230,27 @@ class Simulation(SparseWarmup):
         finally:
             writer.wait(raise_error=False)  # an error of the loop itself wins; the last write still lands
         return self.finish(state, history)
+
+    def check_resumable(self, ckpt: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with another config. Raising ``federation.rounds`` is not a change
+        but an extension: everything a round does is seeded by (seed, round), not by the number of rounds,
+        so the extended run gives an uninterrupted longer run's adapters (its metrics hold one more
+        evaluation: the old last round's)."""
+        cfg = self.cfg
+        if ckpt["fingerprint"] == config_fingerprint(cfg):
+            return
+        saved = ckpt.get("config") or _saved_config(self.out)
+        if saved is None:
+            changed = ["(the checkpoint's config is not saved beside it)"]
+        else:
+            changed = config_changes(saved, cfg, allowed=("federation.rounds",))
+            if cfg.federation.rounds < ckpt["round"]:
+                changed.insert(0, f"federation.rounds = {cfg.federation.rounds} is below the checkpoint's round {ckpt['round']} (rounds can only be raised)")
+        if changed:
+            raise ConfigError(
+                f"{self.out}: the checkpoint was made with a different config ({', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}); "
+                "resume with the same config (only federation.rounds may be raised) or use a new --out"
+            )
 
     def _rounds(self, start_round: int, state: ServerState, history: list[dict[str, Any]], fingerprint: str, round_fn: RoundFn, bar, writer: CheckpointWriter) -> ServerState:
         """Rounds ``start_round``.. of the run; appends to ``history``, returns the last state."""
@@ -299,6 +334,14 @@ class Simulation(SparseWarmup):
         if info["ranks"]:
             order = list(info["groups"])
             lines.append(f"ranks ({' / '.join(order)}) per resource type: " + ", ".join(f"{t} {' / '.join(r.get(g, '-') for g in order)}" for t, r in info["ranks"].items()))
+        if self.fed.notes:  # the rank a layer cannot hold is capped (lora.cap_at_width), said before round 1
+            lines.append(
+                "ranks above a layer's width are capped at it (a larger rank adds nothing; lora.cap_at_width = false refuses them): "
+                + ", ".join(self.fed.notes)
+            )
+        asked, training = self.cfg.federation.clients_per_round, len(self.fed.train_clients)
+        if asked is not None and asked > training:
+            lines.append(f"federation.clients_per_round = {asked} but only {training} clients train: every round trains all {training}")
         if info["unmatched_targets"]:
             lines.append(
                 f"lora.targets names no layer of this model: {', '.join(info['unmatched_targets'])} (they train nothing; "
@@ -481,6 +524,14 @@ def _saved_config(out: Path) -> dict[str, Any] | None:
     """A checkpoint written before checkpoints carried their config: the run's config.json."""
     try:
         return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_summary(out: Path) -> dict[str, Any] | None:
+    """A finished run's summary.json (None when the run has not finished)."""
+    try:
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -226,12 +226,16 @@ def partition_by_category(records: Sequence[Record], eval_fraction: float = 0.1,
 def heldout_count(num_clients: int, count: int | None, fraction: float | None, default_fraction: float = 0.1) -> int:
     """How many of ``num_clients`` clients to hold out: ``count``, else round-half-up(fraction * n)
     (``default_fraction`` when neither is given), at least 1 for a positive fraction, and never so
-    many that no client is left to train."""
+    many that no client is left to train: a count or fraction the user set that leaves none is refused
+    (naming the key), the default fraction of a one-client data set holds out none."""
     if count is not None:
         k = count
     else:
         f = default_fraction if fraction is None else fraction
         k = max(1, int(num_clients * f + 0.5)) if f > 0 else 0
+    if k >= num_clients and (count is not None or fraction is not None):
+        key = f"data.heldout_clients = {count}" if count is not None else f"data.heldout_fraction = {fraction} ({k} clients)"
+        raise DataError(f"{key} holds out every one of the {num_clients} clients the data makes: at least one must train (hold out at most {num_clients - 1})")
     return max(0, min(k, num_clients - 1))
 
 

@@ -60,6 +60,12 @@ class AggregationMethod(ABC):
     dp_release: ClassVar[str | None] = None
     dp_note: ClassVar[str] = "its aggregate is not a function of one noised sum or of averaged factors"
     dp_noised_factors: ClassVar[tuple[str, ...]] = ("B", "A")  # for "factors": the factors that carry client data
+    # What ``flexlora aggregate`` writes into each input's folder (``share_for`` at the input's own ranks),
+    # said after every aggregation and kept in report.json: a user follows it literally, so each method
+    # states its own. ``base_update`` is the folder of what every client merges into its base weights.
+    shares_text: ClassVar[str] = (
+        "each input's share of the global update at its own ranks: the adapter that input's client continues from"
+    )
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype  # the dtype the server computes in

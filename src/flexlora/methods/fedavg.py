@@ -22,6 +22,10 @@ class FedAvg(AggregationMethod):
     paper = "Zhang et al., FedIT, ICASSP 2024 (arXiv:2305.05644)"
     supports_heterogeneous_ranks = False
     dp_release = "factors"  # the averaged A and B are what the server releases
+    shares_text = (
+        "the weighted averages of the inputs' A and of their scaled B (FedIT), the same adapter in every folder: what every "
+        "client continues from (its product is not the average of the inputs' products)"
+    )
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)

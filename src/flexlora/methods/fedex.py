@@ -30,6 +30,11 @@ class FedExLoRA(FedAvg):
     dp_release = None  # the residual needs the un-noised individual products
     dp_note = "its residual is computed from every client's own product, which noise on the averaged factors does not cover"
     merges_into_base = True  # the residual; the averaged adapter is kept (LoRA is not restarted)
+    shares_text = (
+        "the weighted averages of the inputs' scaled B and of their A, the same adapter in every folder, which every client "
+        "continues from on a base model with base_update/ (the residual that averaging leaves) merged in; global/ (averaged "
+        "adapter + residual) is the exact aggregate on the original base, for evaluation: never add a folder's adapter to it"
+    )
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         state = super().aggregate(updates, weights, round)  # checks the ranks, averages A and s B

@@ -26,6 +26,7 @@ class FFALoRA(AggregationMethod):
     exact_aggregate = True  # one shared A: mean(B) A == mean(B A)
     dp_release = "factors"
     dp_noised_factors = ("B",)  # A is the shared, data-independent init
+    shares_text = "the shared frozen A and the weighted average of B, the same in every folder: every client continues training B only"
 
     def local_training(self, train):
         """FFA-LoRA is defined by a frozen ``lora_A``: clients train B only."""

@@ -26,6 +26,10 @@ class FlexLoRA(AggregationMethod):
     name = "flexlora"
     paper = "Bai et al., NeurIPS 2024 (arXiv:2402.11505)"
     dp_release = "sum"  # the SVD only post-processes the (noised) weighted sum
+    shares_text = (
+        "each input's best approximation of the global update at its own ranks (the top singular triplets of the "
+        "weighted sum, singular values in B): the adapter that input's client continues from"
+    )
 
     def __init__(
         self,

@@ -28,6 +28,10 @@ class FLoRA(AggregationMethod):
     exact_aggregate = True
     merges_into_base = True
     restarts_adapter = True
+    shares_text = (
+        "fresh LoRA initialisations (B = 0) at each input's ranks, not the aggregate: merge global/ (the exact stacked "
+        "update) into the base weights first, then every client trains its folder on the merged model"
+    )
     dp_release = "sum"  # the stack is the weighted sum; DP noise joins it as one more full-rank term
 
     def aggregate(

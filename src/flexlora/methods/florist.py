@@ -29,6 +29,11 @@ class FLoRIST(AggregationMethod):
     paper = "Ramesh et al., MLSys 2026 (arXiv:2506.09199)"
     merges_into_base = True
     restarts_adapter = True
+    shares_text = (
+        "fresh LoRA initialisations (B = 0) at each input's ranks, not the aggregate: merge global/ (the stacked update cut "
+        "to the rank that keeps `threshold` of its energy) into the base weights first, then every client trains its folder "
+        "on the merged model"
+    )
     dp_release = "sum"  # the stacked SVD and the energy threshold only post-process the (noised) sum
 
     def __init__(self, threshold: float = 0.9, svd_path: SvdPath = "auto", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:

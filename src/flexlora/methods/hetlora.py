@@ -31,6 +31,10 @@ Weighting = Literal["norm", "data", "norm_x_data"]
 
 class HetLoRA(AggregationMethod):
     name = "hetlora"
+    shares_text = (
+        "the zero-padded average (weighted as the `weighting` option says; update norms by default) truncated to each "
+        "input's ranks (HetLoRA): the adapter that input's client continues from"
+    )
     dp_note = "its weights are the clients' update norms, so one client changes every other client's weight"
     paper = "Cho et al., EMNLP 2024 (arXiv:2401.06432)"
     client_options = ("hetlora_lambda", "hetlora_prune")  # train.hetlora_gamma is their shared parameter

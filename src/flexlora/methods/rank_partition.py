@@ -23,6 +23,10 @@ class RankPartition(AggregationMethod):
     name = "rank_partition"
     dp_note = "each column is divided by the number of clients that have it, so one client changes another's weight"
     paper = "RB-LoRA / raFLoRA rank-partition reweighting (2025-26)"
+    shares_text = (
+        "the rank-partition average (column j averaged over the inputs that have it) cut to each input's ranks: the "
+        "adapter that input's client continues from"
+    )
 
     def __init__(self, redistribute: Literal["truncate", "svd"] = "truncate", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=dtype, seed=seed, device=device)

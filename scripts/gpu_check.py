@@ -199,15 +199,17 @@ def environment() -> dict[str, Any]:
 
 # -- (a) the gpu-marked tests -------------------------------------------------------------------------
 def part_tests(dry: bool) -> dict[str, Any]:
-    """On CUDA the tests marked ``gpu``; in a dry run the CPU tests of the device and GPU-path files."""
-    marker = "gpu" if not dry else "not slow"
-    files = ["tests/test_device.py"] if not dry else ["tests/test_device.py", "tests/test_gpu_path.py"]
-    args = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider", *files]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.startswith((str(SRC), tempfile.gettempdir())) or p.endswith("site"))}
+    """The tests marked ``gpu`` (they need only tiny in-process models, nothing the node lacks). In a
+    dry run the same command: without CUDA they are collected and skipped, which checks that the
+    test files import on the node's packages, no more."""
+    args = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_device.py"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p == str(SRC) or p.endswith(f"{os.sep}site"))}
     t0 = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     item = {"command": " ".join(args[1:]), "returncode": proc.returncode, "seconds": time.perf_counter() - t0, "tail": tail, "passed": proc.returncode == 0}
+    if dry:
+        item["note"] = "dry run: no CUDA, so the gpu tests are collected and skipped"
     return {"results": [item], "status": verdict([item])}
 
 

@@ -42,7 +42,7 @@ say() { echo "gpu_rehearsal: $*"; }
 # -- downloads (the only step that needs the network) ------------------------------------------------
 mkdir -p "$CACHE"
 say "downloads -> $CACHE"
-"$PYTHON" -m pip download --quiet --disable-pip-version-check -d "$CACHE" "${NODE[@]}"
+"$PYTHON" -m pip download --quiet --disable-pip-version-check -d "$CACHE" "$TORCH" "${NODE[@]}"
 "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps -d "$CACHE" "${NEEDS_TORCH[@]}"
 # (b) the wheel folder, as README "On a GPU" prepares it (rouge-score publishes no wheel: build it)
 rm -rf "$CACHE/gpu_wheels"

@@ -5,11 +5,11 @@ transformers, peft, safetensors, accelerate, numpy, tokenizers, rich, matplotlib
 and the small packages those pull in (six, regex, click, joblib, tqdm, pyyaml, scipy, psutil), but no
 network, no hub and no model files. flexlora is NOT installed: this script puts the tree's ``src/``
 on ``sys.path`` (and on ``PYTHONPATH`` for the pytest it starts). What flexlora imports beyond the
-node's packages (rouge-score, absl-py, nltk) comes from a wheel folder prepared where there is a
+node's packages (rouge-score, absl-py, nltk, and defusedxml, which nltk imports) comes from a wheel folder prepared where there is a
 network; rouge-score publishes no wheel, so it is built there (README "On a GPU" has the recipe):
 
     pip wheel --no-deps -w gpu_wheels rouge-score==0.1.2
-    pip download --no-deps -d gpu_wheels absl-py nltk
+    pip download --no-deps -d gpu_wheels absl-py nltk defusedxml
     python scripts/gpu_check.py --wheels gpu_wheels --out OUTDIR     # on the GPU node
 
 The wheels are unpacked into a scratch folder (``pip install --no-index --no-deps --target``): the
@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-NEEDED = {"rouge_score": "rouge-score", "absl": "absl-py", "nltk": "nltk"}  # what flexlora imports that the node lacks
+NEEDED = {"rouge_score": "rouge-score", "absl": "absl-py", "nltk": "nltk", "defusedxml": "defusedxml"}  # what flexlora imports that the node lacks (nltk imports defusedxml)
 PAPER_TYPES = {"type1": (8, 8), "type2": (30, 30), "type3": (30, 200), "type4": (200, 200)}
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),

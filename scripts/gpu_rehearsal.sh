@@ -47,7 +47,7 @@ say "downloads -> $CACHE"
 # (b) the wheel folder, as README "On a GPU" prepares it (rouge-score publishes no wheel: build it)
 rm -rf "$CACHE/gpu_wheels"
 "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$CACHE/gpu_wheels" rouge-score==0.1.2
-"$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps -d "$CACHE/gpu_wheels" absl-py nltk
+"$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps -d "$CACHE/gpu_wheels" absl-py nltk defusedxml
 WHEELS_BYTES=$(du -sb "$CACHE/gpu_wheels" | cut -f1)
 say "wheel folder: $(ls "$CACHE/gpu_wheels" | tr '\n' ' ')($((WHEELS_BYTES / 1000)) kB)"
 if [ "$WHEELS_BYTES" -gt $((MAX_WHEELS_MB * 1000 * 1000)) ]; then say "FAILED: the wheel folder is over $MAX_WHEELS_MB MB"; exit 1; fi

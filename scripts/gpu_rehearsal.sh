@@ -59,7 +59,7 @@ rm -rf "$WORK/venv" "$WORK/tree" "$WORK/out"
 VPY="$WORK/venv/bin/python"
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$CACHE" "$TORCH" "${NODE[@]}" "${NEEDS_TORCH[@]}"
 say "environment: $("$VPY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|safetensors|accelerate|tokenizers|numpy|six)==' | tr '\n' ' ')"
-for missing in flexlora rouge_score nltk absl gguf tomli_w flwr dp_accounting; do
+for missing in flexlora rouge_score nltk absl defusedxml gguf tomli_w flwr dp_accounting; do
     if "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$missing') is None)"; then say "FAILED: $missing is in the rehearsal environment; the node has no such package"; exit 1; fi
 done
 

@@ -133,7 +133,9 @@ class Simulation(SparseWarmup):
         # attached as a float32 adapter instead (quantised weights cannot be merged into at all).
         self.quantized = is_quantized(self.model)
         self.evaluate_as_adapter = self.quantized or is_low_precision(next(self.model.parameters()).dtype)
-        self.originals = {} if self.quantized else {n: self.model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in self.fed.shapes}
+        # (kept only where something merges: every evaluation of a float32 base, merging methods, SLoRA's stage 1)
+        needs_originals = not self.quantized and (not self.evaluate_as_adapter or self.method.merges_into_base or self.is_sparse_round(1))
+        self.originals = {n: self.model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in self.fed.shapes} if needs_originals else {}
 
     # -- the engine's state, seen from the runner ------------------------------------------------------
     @property

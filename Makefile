@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 STAMP := $(VENV)/.flexlora-installed
 
-.PHONY: test demo venv bench-quick clean
+.PHONY: test demo venv bench-quick clean gpu-rehearsal
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/flexlora compare --config configs/demo.toml --out runs/demo
+
+# The offline GPU node rehearsed on the CPU (README "On a GPU"); not part of make test.
+gpu-rehearsal:
+	bash scripts/gpu_rehearsal.sh
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/aggregation.py --quick

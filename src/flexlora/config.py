@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
@@ -20,6 +19,11 @@ from flexlora.methods import METHODS
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (a dependency there)
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -355,6 +359,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"model.source: {e}") from None
     if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {['auto', *sorted(DTYPES)]}")
+    if cfg.model.dtype == "float16":
+        raise ConfigError("model.dtype: float16 training has no loss scaling here (small gradients underflow to zero); use bfloat16 or float32 ('auto' picks)")
     try:
         device = resolve_device(cfg.model.device, "model.device")
         resolve_device(fed.server_device, "federation.server_device")

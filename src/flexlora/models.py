@@ -38,7 +38,7 @@ class ModelConfig:
 
     source: str = "smollm2"
     device: str = "auto"  # "auto" (CUDA, else MPS, else CPU) | "cpu" | "cuda" | "cuda:N" | "mps"
-    dtype: str = "auto"  # "auto": bfloat16 on a CUDA device that supports it, float32 elsewhere
+    dtype: str = "auto"  # "auto": bfloat16 on a CUDA device with native bfloat16 (capability >= 8.0), float32 elsewhere
     quantization: str | None = None  # "4bit" / "8bit" base weights through bitsandbytes (QLoRA); CUDA only
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     tiny: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
@@ -95,12 +95,20 @@ def resolve_device(name: str, key: str = "model.device") -> torch.device:
 
 
 def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``model.dtype``: "auto" is bfloat16 on a CUDA device that supports it, float32 elsewhere."""
+    """``model.dtype``: "auto" is bfloat16 on a CUDA device with native bfloat16 (compute capability
+    >= 8.0: A100, H100, RTX 30xx and later), float32 elsewhere. ``torch.cuda.is_bf16_supported()``
+    is not asked: it counts emulation (V100, T4), where bfloat16 is slower than float32."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
             return torch.bfloat16
         return torch.float32
     return resolve_dtype(name)
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    """bfloat16 / float16: a weight ``W0 + dW`` stored in it loses any ``dW`` below its spacing
+    (2^-8 of ``|W0|`` for bfloat16), so merges and evaluation keep updates in float32 beside it."""
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def check_quantization(cfg: ModelConfig, device: torch.device) -> None:

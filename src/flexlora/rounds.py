@@ -289,8 +289,9 @@ class RoundEngine:
             new_state = self.method.aggregate(accepted, round=plan.round)
         t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
+            device = self.method.device  # the dense products run where federation.server_device says; merged stays on the CPU
             for name, gm in new_state.base_delta.items():
-                d = gm.delta(self.server_dtype)
+                d = (gm.B.to(device, self.server_dtype) @ gm.A.to(device, self.server_dtype)).cpu()
                 self.merged[name] = self.merged[name] + d if name in self.merged else d
         weights = [new_state.weights[u.client_id] for u in terms]
         share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}

@@ -28,7 +28,7 @@ from flexlora.evaluate import EvalConfig, evaluate_clients
 from flexlora.failures import draw_failure, garbage_update
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
-from flexlora.models import is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
+from flexlora.models import is_low_precision, is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
 from flexlora.peft_io import write_adapter
 from flexlora.resources import group_members, module_group, target_module_names, unmatched_targets
 from flexlora.rounds import (
@@ -43,7 +43,7 @@ from flexlora.rounds import (
 )
 from flexlora.seeds import derived_seed
 from flexlora.slora import SparseWarmup
-from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta
+from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta, use_deterministic_kernels
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 
 METRICS = "metrics.jsonl"
@@ -128,6 +128,8 @@ class Simulation(SparseWarmup):
         self.out = Path(out)
         self.progress = progress
         self.last_good: tuple[int, ServerState] | None = None  # the last finished round and its whole state
+        if cfg.train.deterministic:
+            use_deterministic_kernels()  # before the model's first CUDA kernel (cuBLAS reads its workspace setting once)
         if model is None:
             model, tokenizer = load_model(cfg.model)
         self.model, self.tokenizer = model, tokenizer
@@ -136,10 +138,15 @@ class Simulation(SparseWarmup):
         self.method, federation = check_run(cfg, self.model, self.clients)
         self.engine = RoundEngine(cfg, federation, self.method, self.server_dtype)
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, self.method.local_training(cfg.train), self.method.local_penalty(cfg.train))
-        # original weights of every target layer: evaluation and FLoRA merges set W = W0 + delta exactly
-        # (a quantised base is never merged into: its evaluation attaches the global update as an adapter)
+        # original weights of every target layer, in host memory (not a second copy on the accelerator):
+        # evaluation and FLoRA merges set W = W0 + delta exactly (in float32 for a bfloat16 base, see
+        # apply_dense_delta). A quantised or bfloat16/float16 base is evaluated with the global update
+        # attached as a float32 adapter instead (quantised weights cannot be merged into at all).
         self.quantized = is_quantized(self.model)
-        self.originals = {} if self.quantized else {n: self.model.get_submodule(n).weight.detach().clone() for n in self.fed.shapes}
+        self.evaluate_as_adapter = self.quantized or is_low_precision(next(self.model.parameters()).dtype)
+        # (kept only where something merges: every evaluation of a float32 base, merging methods, SLoRA's stage 1)
+        needs_originals = not self.quantized and (not self.evaluate_as_adapter or self.method.merges_into_base or self.is_sparse_round(1))
+        self.originals = {n: self.model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in self.fed.shapes} if needs_originals else {}
 
     # -- the engine's state, seen from the runner ------------------------------------------------------
     @property
@@ -402,25 +409,26 @@ class Simulation(SparseWarmup):
     def adapter_deltas(self, state: ServerState) -> dict[str, Tensor]:
         """The global adapter's dense update per module (empty when clients restart LoRA: FLoRA's whole
         update is merged into the base weights, see :attr:`merged`)."""
-        return {name: gm.delta(self.server_dtype) for name, gm in state.adapter.items() if gm.rank}
+        device = self.method.device  # the server's device builds the dense products (federation.server_device)
+        return {name: (gm.B.to(device, self.server_dtype) @ gm.A.to(device, self.server_dtype)) for name, gm in state.adapter.items() if gm.rank}
 
     def global_deltas(self, state: ServerState) -> dict[str, Tensor]:
         """Everything the global model adds to the original base weights."""
         deltas = {n: d.clone() for n, d in self.merged.items()}
         for name, d in self.adapter_deltas(state).items():
-            deltas[name] = deltas[name] + d if name in deltas else d
+            deltas[name] = deltas[name].to(d.device) + d if name in deltas else d
         return deltas
 
     def _set_base_weights(self, extra: dict[str, Tensor] | None = None) -> None:
         deltas = dict(self.merged)
         for name, d in (extra or {}).items():
-            deltas[name] = deltas[name] + d if name in deltas else d
+            deltas[name] = deltas[name].to(d.device) + d if name in deltas else d
         apply_dense_delta(self.model, deltas, self.originals)
 
     def evaluate(self, state: ServerState) -> dict[str, Any]:
         cfg = self.cfg.eval
         ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
-        if self.quantized:
+        if self.evaluate_as_adapter:
             return self._evaluate_as_adapter(state, ecfg)
         self._set_base_weights(self.adapter_deltas(state))
         try:
@@ -430,8 +438,10 @@ class Simulation(SparseWarmup):
         return result.to_dict()
 
     def _evaluate_as_adapter(self, state: ServerState, ecfg: EvalConfig) -> dict[str, Any]:
-        """A quantised base cannot take ``W0 + delta``: the global update is attached as a LoRA
-        adapter at its own rank with scale 1 (``B @ A`` exactly), evaluated, and removed."""
+        """A quantised base cannot take ``W0 + delta``, and a bfloat16 one would round it (a delta of
+        ~1e-4 is the size of bfloat16's spacing): the global update is attached as a float32 LoRA
+        adapter at its own rank with scale 1 (``B @ A`` exactly) on the untouched base, evaluated, and
+        removed. Merged updates (FLoRA) are already in the base, held in float32."""
         modules = {n: gm for n, gm in state.adapter.items() if gm.rank}
         if not modules:
             return evaluate_clients(self.model, self.tokenizer, self.fed.eval_clients, ecfg, progress=self.progress).to_dict()
@@ -501,8 +511,9 @@ class Simulation(SparseWarmup):
         full rank with scale 1; ``<type>/``: the share a client of each resource type receives."""
         deltas = self.global_deltas(state)
         factors, specs = {}, {}
+        device = self.method.device  # the final dense SVDs run on the server's device
         for name, d in deltas.items():
-            U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+            U, S, Vh = (t.cpu() for t in torch.linalg.svd(d.to(device), full_matrices=False))
             k = max(1, int((S > S.max() * 1e-12).sum())) if S.numel() else 1
             factors[name] = LoraFactors(A=Vh[:k].float(), B=(U[:, :k] * S[:k]).float(), scale=1.0)
             specs[name] = ModuleSpec(rank=k, alpha=float(k))

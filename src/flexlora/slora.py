@@ -23,7 +23,7 @@ from flexlora.data.types import ClientData
 from flexlora.failures import draw_failure
 from flexlora.rounds import ClientStatus, mean, rank_summary
 from flexlora.seeds import derived_seed
-from flexlora.train import sparse_mask, train_client_sparse
+from flexlora.train import ClientOutOfMemory, sparse_mask, train_client_sparse
 from flexlora.update import GlobalModule, ModuleSpec, ServerState
 
 
@@ -60,7 +60,12 @@ class SparseWarmup:
                 clients_log.append({**entry, "status": ClientStatus(failure)})
                 continue
             masks = self.sparse_masks(client, spec)
-            res = train_client_sparse(self.model, self.tokenizer, client, masks, train_cfg, derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
+            try:
+                res = train_client_sparse(self.model, self.tokenizer, client, masks, train_cfg, derived_seed(cfg.federation.seed, "train", rnd, client.client_id))
+            except ClientOutOfMemory as e:  # that client's failure: weights restored, memory released
+                dropped[cid] = [str(e)]
+                clients_log.append({**entry, "status": ClientStatus.OOM})
+                continue
             if failure == "garbage":
                 res.deltas[sorted(res.deltas)[0]][0, 0] = float("nan")
             if not all(bool(torch.isfinite(d).all()) for d in res.deltas.values()):

@@ -13,6 +13,7 @@ only at those positions, which is where most CPU time would otherwise go.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from torch import Tensor
 
 from flexlora.data.prompts import Template, encode_for_training
 from flexlora.data.types import ClientData
-from flexlora.models import plain_head_parts, weight_is_transposed
+from flexlora.models import is_low_precision, plain_head_parts, weight_is_transposed
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
 ADAPTER = "default"
+# torch.OutOfMemoryError appeared in torch 2.5; torch.cuda.OutOfMemoryError is older (and the same class since)
+OUT_OF_MEMORY = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
 
 @dataclass
@@ -53,10 +56,45 @@ class TrainConfig:
     hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
     freeze_A: bool = False  # train B only (FFA-LoRA sets it for its clients)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
+    deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
 
 
 class ClientOutOfMemory(RuntimeError):
     """A client's local training ran out of accelerator memory: that client's failure, not the run's."""
+
+
+def use_deterministic_kernels() -> None:
+    """``train.deterministic``: the same config and seed give the same bytes on the same CUDA device.
+
+    CPU kernels already are deterministic; on CUDA, atomics-based kernels (index_add, scatter, the
+    flash and memory-efficient attention backward) and cuBLAS's split-K workspaces are not. This sets
+    torch's deterministic-algorithms switch (an op with no deterministic kernel then raises instead of
+    silently varying), the cuBLAS workspace size it requires (``CUBLAS_WORKSPACE_CONFIG``, read when
+    cuBLAS starts: set before the first CUDA matmul, which is why runs call this before loading the
+    model), cuDNN's deterministic mode, and restricts scaled-dot-product attention to its math kernel.
+    These are process-wide torch switches: they stay on for the rest of the process."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_math_sdp(True)
+
+
+def remove_lora_layers(model):
+    """Put back the plain layer wherever a PEFT LoRA layer wraps one (an adapter whose attachment failed
+    half way has no PeftModel to ``unload``); returns the model, unchanged when it holds none."""
+    for name, module in list(model.named_modules()):
+        base_layer = getattr(module, "base_layer", None)
+        if base_layer is not None and hasattr(module, "lora_A") and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, base_layer)
+    if "peft_config" in model.__dict__:
+        del model.peft_config
+    return model
 
 
 @dataclass
@@ -283,11 +321,16 @@ class LocalTrainer:
     # -- training ---------------------------------------------------------------------------------
     def train_client(self, client: ClientData, spec: Mapping[str, ModuleSpec], share: Mapping[str, LoraFactors], seed: int) -> TrainResult:
         """Train one client on the model's device; running out of accelerator memory raises
-        :class:`ClientOutOfMemory` after the adapter is removed and the memory released."""
+        :class:`ClientOutOfMemory` after the adapter is removed and the memory released. Whatever
+        fails, also while the adapter is being attached, the shared model is left without LoRA layers."""
         try:
             return self._train_client(client, spec, share, seed)
-        except torch.OutOfMemoryError as e:
+        except OUT_OF_MEMORY as e:
             message = str(e).splitlines()[0] if str(e) else "out of memory"
+        except BaseException:
+            self.model = remove_lora_layers(self.model)
+            raise
+        self.model = remove_lora_layers(self.model)
         release_accelerator_memory()
         raise ClientOutOfMemory(f"client {client.client_id} ran out of accelerator memory ({message})")
 
@@ -381,14 +424,29 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
 
     The gradient of every target weight is multiplied by its mask, so AdamW (no weight decay)
     never moves an entry outside it; the update is ``W_after - W_before`` and the weights are
-    restored afterwards, leaving the shared base model as it was.
+    restored afterwards, leaving the shared base model as it was. The trained weights are float32
+    masters whatever the model's dtype: an AdamW step of ~lr (5e-5) is below bfloat16's spacing for
+    any ``|w|`` above ~0.016, so in bfloat16 most steps would round away. Running out of
+    accelerator memory raises :class:`ClientOutOfMemory` with the weights restored.
     """
+    try:
+        return _train_client_sparse(model, tokenizer, client, masks, cfg, seed)
+    except OUT_OF_MEMORY as e:
+        message = str(e).splitlines()[0] if str(e) else "out of memory"
+    release_accelerator_memory()
+    raise ClientOutOfMemory(f"client {client.client_id} ran out of accelerator memory ({message})")
+
+
+def _train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str, Tensor], cfg: TrainConfig, seed: int) -> SparseResult:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     data = tokenize_client(tokenizer, client, cfg)
     if not data:
         raise ValueError(f"client {client.client_id} has no training examples")
+    held_here = [name for name in masks if is_low_precision(model.get_submodule(name).weight.dtype)]
+    for name in held_here:
+        hold_in_float32(model.get_submodule(name), True)
     weights = {name: model.get_submodule(name).weight for name in masks}
     before = {name: w.detach().clone() for name, w in weights.items()}
     hooks = []
@@ -428,6 +486,8 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
             for name, w in weights.items():
                 w.requires_grad_(False)
                 w.copy_(before[name])
+        for name in held_here:
+            hold_in_float32(model.get_submodule(name), False)
     seconds = time.perf_counter() - t0
     nnz = sum(int(m.sum()) for m in masks.values())
     metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0}
@@ -441,19 +501,51 @@ def re_exact(name: str) -> str:
     return re.escape(name)
 
 
+def hold_in_float32(module, on: bool) -> None:
+    """Keep a bfloat16/float16 linear layer's weight (and bias) in float32 and compute the layer in
+    float32 (its input is cast up, its output back to the model's dtype), or undo that (``on=False``).
+    A merged ``W0 + dW`` is then exact: in bfloat16 any ``|dW|`` below 2^-9 ``|W0|`` rounds away.
+    A no-op for float32 layers and for a layer already in the asked state."""
+    held = getattr(module, "flexlora_compute_dtype", None)
+    if on and held is None and is_low_precision(module.weight.dtype):
+        dtype = module.weight.dtype
+        for pname in ("weight", "bias"):
+            p = getattr(module, pname, None)
+            if p is not None:
+                setattr(module, pname, torch.nn.Parameter(p.detach().float(), requires_grad=p.requires_grad))
+        module.flexlora_compute_dtype = dtype
+        module.flexlora_float32_hooks = (
+            module.register_forward_pre_hook(lambda mod, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)),
+            module.register_forward_hook(lambda mod, args, out: out.to(dtype)),
+        )
+    elif not on and held is not None:
+        for pname in ("weight", "bias"):
+            p = getattr(module, pname, None)
+            if p is not None:
+                setattr(module, pname, torch.nn.Parameter(p.detach().to(held), requires_grad=p.requires_grad))
+        for hook in module.flexlora_float32_hooks:
+            hook.remove()
+        del module.flexlora_compute_dtype, module.flexlora_float32_hooks
+
+
 def apply_dense_delta(model, deltas: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> None:
     """Set ``W = W_original + delta`` for each named linear layer (FLoRA merges; evaluation merges).
-    ``delta`` is (d_out, d_in); a Conv1D weight (GPT-2), stored (d_in, d_out), takes its transpose."""
+    ``delta`` is (d_out, d_in); a Conv1D weight (GPT-2), stored (d_in, d_out), takes its transpose.
+    ``originals`` may live on another device (the CPU). In a bfloat16/float16 model a layer with a
+    delta is held in float32 (:func:`hold_in_float32`), so the merge is exact in float32 arithmetic;
+    a layer without one goes back to its original weight and dtype."""
     with torch.no_grad():
         for name, original in originals.items():
             module = model.get_submodule(name)
-            weight = module.weight
             if name in deltas:
+                hold_in_float32(module, True)
+                weight = module.weight
                 delta = deltas[name].to(weight.device)
                 delta = delta.T if weight_is_transposed(module) else delta
                 weight.copy_((original.to(weight.device, delta.dtype) + delta).to(weight.dtype))
             else:
-                weight.copy_(original)
+                hold_in_float32(module, False)
+                module.weight.copy_(original)
 
 
 def release_accelerator_memory() -> None:

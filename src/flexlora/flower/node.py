@@ -76,13 +76,15 @@ class NodeRuntime:
         from flexlora.methods import get_method
         from flexlora.models import load_model
         from flexlora.resources import target_module_names
-        from flexlora.train import LocalTrainer
+        from flexlora.train import LocalTrainer, use_deterministic_kernels
 
+        if self.cfg.train.deterministic:
+            use_deterministic_kernels()
         self.model, self.tokenizer = load_model(self.cfg.model)
         method = get_method(self.cfg.federation.aggregation, **dict(self.cfg.federation.method_options))  # its client side only
         self.trainer = LocalTrainer(self.model, self.tokenizer, self.cfg.lora.targets, method.local_training(self.cfg.train), method.local_penalty(self.cfg.train))
         shapes = target_module_names(self.model, self.cfg.lora.targets)
-        self.originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in shapes}
+        self.originals = {n: self.model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in shapes}  # host memory
 
     @classmethod
     def get(cls, cfg: "RunConfig", with_model: bool) -> "NodeRuntime":

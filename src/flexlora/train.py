@@ -24,6 +24,7 @@ from torch import Tensor
 from flexlora.data.prompts import Template, encode_for_training
 from flexlora.data.types import ClientData
 from flexlora.models import plain_head_parts, weight_is_transposed
+from flexlora.precision import autocast_for, resolve_precision
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
 ADAPTER = "default"
@@ -53,6 +54,7 @@ class TrainConfig:
     hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
     freeze_A: bool = False  # train B only (FFA-LoRA sets it for its clients)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
 
 
 class ClientOutOfMemory(RuntimeError):
@@ -328,7 +330,8 @@ class LocalTrainer:
                 n_labelled = max(1, sum(m.labelled for m in micro))
                 loss_log.new_step()
                 for m in micro:
-                    loss_sum, _ = labelled_token_loss(peft_model, m.batch)
+                    with autocast_for(cfg.precision, device):
+                        loss_sum, _ = labelled_token_loss(peft_model, m.batch)
                     loss = loss_sum / n_labelled
                     if self.penalty is not None:
                         loss = loss + self.penalty.weight / len(micro) * self.penalty.term(pairs)
@@ -355,6 +358,7 @@ class LocalTrainer:
             "padding_fraction": 1 - tokens / max(1, padded),
             "seconds": seconds,
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "precision": resolve_precision(cfg.precision, device),
         }
         return TrainResult(update=update, metrics=metrics)
 
@@ -410,7 +414,8 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
             n_labelled = max(1, sum(m.labelled for m in micro))
             loss_log.new_step()
             for m in micro:
-                loss_sum, _ = labelled_token_loss(model, m.batch)
+                with autocast_for(cfg.precision, device):
+                    loss_sum, _ = labelled_token_loss(model, m.batch)
                 (loss_sum / n_labelled).backward()
                 loss_log.add(loss_sum, n_labelled)
                 tokens += m.tokens
@@ -430,7 +435,7 @@ def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str
                 w.copy_(before[name])
     seconds = time.perf_counter() - t0
     nnz = sum(int(m.sum()) for m in masks.values())
-    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0}
+    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0, "precision": resolve_precision(cfg.precision, device)}
     return SparseResult(str(client.client_id), client.num_examples, deltas, nnz, metrics)
 
 

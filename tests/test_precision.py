@@ -176,3 +176,20 @@ def test_a_run_under_autocast_writes_float32_adapters_and_says_which_precision(t
     assert rec["eval"]["proxy_eval_loss"] > 0
     for sub in (out / "final").iterdir():
         assert {t.dtype for t in load_file(str(sub / "adapter_model.safetensors")).values()} == {torch.float32}
+
+
+def test_resuming_a_checkpoint_from_before_the_option_is_a_change_where_auto_means_bf16(monkeypatch):
+    """A run saved before train.precision existed trained in float32: "auto" resolving to bf16 here is a
+    change for --resume (named), "float32" is not; a saved "auto" means what it means on this machine."""
+    from flexlora.config import RunConfig, config_changes
+
+    cfg = RunConfig()
+    legacy = cfg.to_dict()
+    del legacy["train"]["precision"], legacy["eval"]["precision"]
+    _bf16(monkeypatch)
+    assert config_changes(legacy, cfg) == ["eval.precision: 'float32' -> 'bf16-autocast'", "train.precision: 'float32' -> 'bf16-autocast'"]
+    cfg.train.precision = cfg.eval.precision = "float32"
+    assert config_changes(legacy, cfg) == []
+    assert config_changes(RunConfig().to_dict(), cfg) == ["eval.precision: 'bf16-autocast' -> 'float32'", "train.precision: 'bf16-autocast' -> 'float32'"]
+    _no_bf16(monkeypatch)
+    assert config_changes(legacy, RunConfig()) == [] and config_changes(RunConfig().to_dict(), cfg) == []

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.evaluate import EvalConfig
 from flexlora.methods import METHODS
-from flexlora.precision import PRECISIONS
+from flexlora.precision import PRECISIONS, resolve_precision
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
@@ -480,9 +480,15 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
     old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
     here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
+    device = resolve_device(cfg.model.device)
+    for key in ("train.precision", "eval.precision"):
+        old.setdefault(key, "float32")  # a config written before the option existed trained and scored in float32
     for d in (old, new, default):  # "auto" means what it resolves to on this machine
         if d.get("model.dtype") == "auto":
             d["model.dtype"] = here
+        for key in ("train.precision", "eval.precision"):
+            if d.get(key) == "auto":
+                d[key] = resolve_precision("auto", device)
     changed = []
     for key in sorted(set(old) | set(new)):
         if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE:

@@ -7,7 +7,9 @@ its share of the global state, trained, read back as plain factors, and removed 
 
 The loop is deliberately plain (nanoGPT-style): length-bucketed batches with dynamic
 padding, loss over the labelled tokens only, and the 49k-vocabulary output layer applied
-only at those positions, which is where most CPU time would otherwise go.
+only at those positions, which is where most CPU time would otherwise go. ``precision``
+(:mod:`flexlora.precision`) puts the forward pass under bfloat16 autocast on a CPU that multiplies
+bfloat16 natively; the factors, their gradients, the optimizer state and the loss stay float32.
 """
 
 from __future__ import annotations

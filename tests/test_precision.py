@@ -137,6 +137,26 @@ def test_bf16_autocast_trains_and_everything_that_leaves_the_client_is_float32(t
         assert float((a - b).norm() / b.norm()) < 0.2
 
 
+def test_under_autocast_the_adapter_is_added_to_the_base_output_in_float32(tiny_model, tiny_tokenizer):
+    """PEFT's base(x) + lora(x) in bfloat16 rounds a small adapter contribution away: the adapted layers
+    give float32 outputs under bf16 autocast (and the hooks that do it leave with the adapter)."""
+    model = copy.deepcopy(tiny_model)
+    seen = []
+    layer = model.model.layers[0].self_attn.q_proj  # an adapted layer: PEFT wraps it, the hook sees the wrapper's output
+    trainer = LocalTrainer(model, tiny_tokenizer, ["q_proj", "down_proj"], TrainConfig(max_steps=1, batch_size=2, precision="bf16-autocast"))
+    original_attach = trainer.attach
+
+    def attach(spec):
+        peft_model = original_attach(spec)
+        peft_model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        return peft_model
+
+    trainer.attach = attach
+    trainer.train_client(CLIENT, SPEC, _share(), seed=0)
+    assert seen and set(seen) == {torch.float32}
+    assert type(trainer.model.model.layers[0].self_attn.q_proj) is type(layer) and not trainer.model.model.layers[0].self_attn.q_proj._forward_hooks
+
+
 def test_eval_auto_uses_autocast_only_where_it_pays(tiny_model, tiny_tokenizer, monkeypatch):
     cpu = torch.device("cpu")
     _bf16(monkeypatch)

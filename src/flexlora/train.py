@@ -250,6 +250,22 @@ class LocalTrainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return peft_model
 
+    def sum_adapter_in_float32(self, peft_model, names: Sequence[str]) -> list:
+        """Under bf16 autocast, hand each adapted layer's base output to PEFT in float32, so PEFT adds the
+        adapter's output to it in float32 (returns the hook handles).
+
+        PEFT computes ``base_layer(x) + lora_B(lora_A(x)) * scale``; under autocast both terms are
+        bfloat16 and so is their sum, which rounds away any adapter contribution below half a bfloat16
+        step of the base output (2^-9 of it): early in training, with B near 0, that is all of it, and
+        the forward pass does not see what the adapter has learnt (the demo then trained measurably
+        slower). The matmuls stay bfloat16; only the sum and the layer's output are float32."""
+
+        def upcast(module, args, output):
+            return output.float() if output.dtype == torch.bfloat16 else None
+
+        base = peft_model.get_base_model()
+        return [base.get_submodule(name).base_layer.register_forward_hook(upcast) for name in names]
+
     @staticmethod
     def load_share(peft_model, share: Mapping[str, LoraFactors]) -> None:
         base = peft_model.get_base_model()
@@ -304,6 +320,7 @@ class LocalTrainer:
         if not data:
             raise ValueError(f"client {client.client_id} has no training examples")
         peft_model = self.attach(spec)
+        hooks: list = []
         try:
             self.load_share(peft_model, share)
             params_A, params_B, pairs = [], [], []
@@ -323,6 +340,8 @@ class LocalTrainer:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             plan = plan_batches([len(ids) for ids, _ in data], cfg, rng)
             device = _model_device(peft_model)
+            if resolve_precision(cfg.precision, device) == "bf16-autocast":
+                hooks += self.sum_adapter_in_float32(peft_model, list(spec))
             peft_model.train()
             loss_log = _LossLog()
             tokens = padded = 0
@@ -348,6 +367,8 @@ class LocalTrainer:
             peft_model.eval()
             factors = self.extract(peft_model, list(spec))
         finally:
+            for hook in hooks:
+                hook.remove()
             self.detach(peft_model)
         seconds = time.perf_counter() - t0
         update = ClientUpdate(client_id=str(client.client_id), num_examples=client.num_examples, modules=factors)

@@ -1,5 +1,4 @@
 import copy
-import dataclasses
 import json
 import math
 import re
@@ -229,7 +228,6 @@ def _tf_reference(model, tokenizer, examples, cfg):
 
 
 def _check_tf(model, tokenizer, cfg):
-    cfg = dataclasses.replace(cfg, precision="float32")  # the reference is float32 (bf16 scoring: test_precision.py)
     expected = _tf_reference(model, tokenizer, EXAMPLES, cfg)
     for full in (False, True):
         got = teacher_forced(model, tokenizer, EXAMPLES, cfg, full_logits=full)

@@ -207,9 +207,12 @@ def test_resuming_a_checkpoint_from_before_the_option_is_a_change_where_auto_mea
     legacy = cfg.to_dict()
     del legacy["train"]["precision"], legacy["eval"]["precision"]
     _bf16(monkeypatch)
-    assert config_changes(legacy, cfg) == ["eval.precision: 'float32' -> 'bf16-autocast'", "train.precision: 'float32' -> 'bf16-autocast'"]
-    cfg.train.precision = cfg.eval.precision = "float32"
+    assert config_changes(legacy, cfg) == ["train.precision: 'float32' -> 'bf16-autocast'"]  # eval's "auto" is float32 here
+    cfg.train.precision = "float32"
     assert config_changes(legacy, cfg) == []
-    assert config_changes(RunConfig().to_dict(), cfg) == ["eval.precision: 'bf16-autocast' -> 'float32'", "train.precision: 'bf16-autocast' -> 'float32'"]
+    assert config_changes(RunConfig().to_dict(), cfg) == ["train.precision: 'bf16-autocast' -> 'float32'"]
+    cfg.eval.precision = "bf16-autocast"
+    assert config_changes(legacy, cfg) == ["eval.precision: 'float32' -> 'bf16-autocast'"]
+    cfg.eval.precision = "float32"
     _no_bf16(monkeypatch)
     assert config_changes(legacy, RunConfig()) == [] and config_changes(RunConfig().to_dict(), cfg) == []

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
-from flexlora.evaluate import EvalConfig
+from flexlora.evaluate import EvalConfig, pass_precision
 from flexlora.methods import METHODS
 from flexlora.precision import PRECISIONS, resolve_precision
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
@@ -486,9 +486,11 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     for d in (old, new, default):  # "auto" means what it resolves to on this machine
         if d.get("model.dtype") == "auto":
             d["model.dtype"] = here
-        for key in ("train.precision", "eval.precision"):
-            if d.get(key) == "auto":
-                d[key] = resolve_precision("auto", device)
+        if d.get("train.precision") == "auto":
+            d["train.precision"] = resolve_precision("auto", device)
+        if d.get("eval.precision") == "auto":  # per pass; "float32" when no pass autocasts here
+            passes = {pass_precision(EvalConfig(precision="auto"), device, which) for which in ("generation", "scoring")}
+            d["eval.precision"] = passes.pop() if len(passes) == 1 else "auto"
     changed = []
     for key in sorted(set(old) | set(new)):
         if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE:

@@ -220,6 +220,7 @@ def main_precision(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import RESULTS_DIR, environment, write_json
 
+    env = environment()  # versions, machine, load at the start
     model, tokenizer = load_smollm2()
     examples = load_examples(DATA, args.prompts) if DATA.exists() else suite_examples(args.prompts)
     base = dict(template=args.template, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
@@ -244,7 +245,7 @@ def main_precision(args) -> None:
         **result,
         "method": "interleaved by length-sorted group of batch_size prompts, order alternating; greedy, KV cache",
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "environment": environment(),
+        "environment": env,
     }
     path = write_json(args.out or RESULTS_DIR / ("eval_precision_quick.json" if args.quick else "eval_precision.json"), doc)
     print(f"wrote {path}")

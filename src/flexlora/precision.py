@@ -17,7 +17,7 @@ through ``torch.cpu.get_capabilities()`` (the cpuinfo library that ships with to
 AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on ARM64. Without that function (older torch)
 it reads the ``flags`` / ``Features`` line of Linux's ``/proc/cpuinfo``. ``torch.backends.mkldnn`` is
 not used for this: ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is true on every AVX-512 CPU,
-where oneDNN emulates bfloat16 with float32 instructions and autocast is slower, not faster.
+including those where oneDNN only emulates bfloat16 (no bfloat16 dot-product instructions).
 """
 
 from __future__ import annotations

@@ -186,8 +186,9 @@ EvalPass = Literal["generation", "scoring"]
 # The passes where "auto" turns bf16 autocast on (on a CPU with native bfloat16): none, by measurement
 # (SmolLM2, 2 cores; README "Mixed precision on the CPU"): generation gains 1.10x and changes 4 of 16
 # greedy outputs (benchmarks/eval_throughput.py --precision); on the demo's final adapters bf16 raised the
-# eval loss from 2.669 / 2.587 to 2.685 / 2.624, because PEFT adds an adapter's output to the base
-# layer's in bfloat16 under autocast, rounding small updates away. "bf16-autocast" remains available.
+# eval loss from 2.669 / 2.587 to 2.685 / 2.624: under autocast a merged update is rounded with its weight
+# to bfloat16, and an attached adapter's output is added in bfloat16, so small updates are partly lost.
+# "bf16-autocast" remains available.
 AUTO_BF16_PASSES: frozenset[str] = frozenset()
 
 

@@ -10,6 +10,13 @@ because the machine is shared and its load drifts.
     python benchmarks/eval_throughput.py [--quick]
 
 Writes benchmarks/results/eval_throughput.json.
+
+    python benchmarks/eval_throughput.py --precision [--quick]
+
+compares instead float32 with bfloat16 autocast (``eval.precision``) at the same batch size, for
+greedy generation and for the teacher-forced scoring pass (eval loss), interleaved the same way,
+with the outputs' agreement; it decides which passes ``eval.precision = "auto"`` runs under autocast
+(``flexlora.evaluate.AUTO_BF16_PASSES``). Writes benchmarks/results/eval_precision.json.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +39,8 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexlora.data.types import Example
-from flexlora.evaluate import EvalConfig, encode_prompts, generate_with_counts
+from flexlora.evaluate import EvalConfig, encode_prompts, generate_with_counts, teacher_forced
+from flexlora.precision import cpu_has_native_bf16
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flexlora-ni" / "tiny.jsonl.gz"  # ../shared beside the checkout
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +110,48 @@ def measure_interleaved(model, tokenizer, examples: list[Example], batched_cfg: 
     )
 
 
+def compare_precisions(model, tokenizer, examples: list[Example], base: dict, batch_size: int) -> dict:
+    """float32 vs bf16 autocast, generation and teacher-forced scoring, group by group, order alternating."""
+    cfgs = {p: EvalConfig(batch_size=batch_size, precision=p, **base) for p in ("float32", "bf16-autocast")}
+    lengths = [len(p) for p in encode_prompts(tokenizer, examples, cfgs["float32"])]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    totals = {(k, p): [0, 0.0, 0.0] for k in ("generation", "scoring") for p in cfgs}
+    texts: dict[str, list[str]] = {p: [""] * len(examples) for p in cfgs}
+    scored: dict[str, list[dict]] = {p: [{}] * len(examples) for p in cfgs}
+    for k, group in enumerate(groups):
+        names = list(cfgs) if k % 2 == 0 else list(cfgs)[::-1]
+        batch = [examples[i] for i in group]
+        for name in names:
+            wall, cpu = time.perf_counter(), time.process_time()
+            out, counts = generate_with_counts(model, tokenizer, batch, cfgs[name])
+            t = totals[("generation", name)]
+            t[0] += sum(counts)
+            t[1] += time.perf_counter() - wall
+            t[2] += time.process_time() - cpu
+            for i, text in zip(group, out):
+                texts[name][i] = text
+        for name in names:
+            wall, cpu = time.perf_counter(), time.process_time()
+            rows = teacher_forced(model, tokenizer, batch, cfgs[name])
+            t = totals[("scoring", name)]
+            t[0] += sum(r["num_tokens"] for r in rows)
+            t[1] += time.perf_counter() - wall
+            t[2] += time.process_time() - cpu
+            for i, row in zip(group, rows):
+                scored[name][i] = row
+        print(f"  group {k + 1}/{len(groups)} done", flush=True)
+    out: dict = {}
+    for kind in ("generation", "scoring"):
+        rates = {p: _rates(*totals[(kind, p)], len(examples), batch_size) for p in cfgs}
+        out[kind] = {**rates, "speedup_bf16_autocast": round(rates["bf16-autocast"]["tokens_per_second"] / rates["float32"]["tokens_per_second"], 3)}
+    out["generation"]["identical_outputs"] = sum(a == b for a, b in zip(texts["float32"], texts["bf16-autocast"]))
+    loss = {p: sum(r["loss_sum"] for r in scored[p]) / sum(r["num_tokens"] for r in scored[p]) for p in cfgs}
+    out["scoring"]["eval_loss"] = {p: round(v, 6) for p, v in loss.items()}
+    out["scoring"]["eval_loss_relative_difference"] = abs(loss["bf16-autocast"] - loss["float32"]) / loss["float32"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 prompts, 16 new tokens (about a minute)")
@@ -110,11 +161,15 @@ def main() -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--template", choices=["alpaca", "chat"], default="alpaca")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--precision", action="store_true", help="compare float32 with bf16 autocast (generation and scoring) instead")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.max_new_tokens = 8, 16
     torch.set_num_threads(args.threads)
+    if args.precision:
+        return main_precision(args)
+    args.out = args.out or OUT
 
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2()
@@ -159,6 +214,48 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def main_precision(args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import RESULTS_DIR, environment, write_json
+
+    env = environment()  # versions, machine, load at the start
+    model, tokenizer = load_smollm2()
+    examples = load_examples(DATA, args.prompts) if DATA.exists() else suite_examples(args.prompts)
+    base = dict(template=args.template, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+    for p in ("float32", "bf16-autocast"):  # warm-up of both paths
+        generate_with_counts(model, tokenizer, examples[:2], EvalConfig(batch_size=2, max_new_tokens=2, precision=p, template=args.template))
+        teacher_forced(model, tokenizer, examples[:2], EvalConfig(batch_size=2, max_new_tokens=2, precision=p, template=args.template))
+    result = compare_precisions(model, tokenizer, examples, base, args.batch_size)
+    for kind in ("generation", "scoring"):
+        r = result[kind]
+        print(f"{kind:10s} float32 {r['float32']['tokens_per_second']:7.1f} tok/s, bf16-autocast {r['bf16-autocast']['tokens_per_second']:7.1f} tok/s: {r['speedup_bf16_autocast']:.2f}x")
+    print(f"identical generations: {result['generation']['identical_outputs']}/{len(examples)}; eval loss {result['scoring']['eval_loss']}")
+    doc = {
+        "benchmark": "eval_precision",
+        "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantised to float32)",
+        "data": "NI tiny.jsonl.gz" if DATA.exists() else "built-in suite",
+        "num_prompts": len(examples),
+        "batch_size": args.batch_size,
+        "quick": args.quick,
+        **base,
+        "cpu_has_native_bf16": cpu_has_native_bf16(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **result,
+        "method": "interleaved by length-sorted group of batch_size prompts, order alternating; greedy, KV cache",
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "environment": env,
+    }
+    path = write_json(args.out or RESULTS_DIR / ("eval_precision_quick.json" if args.quick else "eval_precision.json"), doc)
+    print(f"wrote {path}")
+
+
+def suite_examples(n: int) -> list[Example]:
+    """Eval examples of the built-in suite, when ../shared's NI data is absent."""
+    from flexlora.data.suite import make_suite
+
+    return [e for c in make_suite(16, 8, 4, seed=0) for e in c.eval][:n]
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
-from flexlora.evaluate import EvalConfig
+from flexlora.evaluate import EvalConfig, pass_precision
 from flexlora.methods import METHODS
+from flexlora.precision import PRECISIONS, resolve_precision
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
 from flexlora.train import TrainConfig
@@ -227,7 +228,12 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]} (known keys in {prefix or 'the top level'}: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own check (e.g. EvalConfig's): say which table it is
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -311,6 +317,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {tr.optimizer!r}")
     if tr.lr <= 0 or tr.batch_size < 1 or tr.grad_accum < 1 or tr.max_length < 16:
         raise ConfigError("train: lr must be > 0, batch_size and grad_accum >= 1, max_length >= 16")
+    if tr.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {tr.precision!r}")
     if tr.template not in ("alpaca", "chat"):
         raise ConfigError(f"train.template must be 'alpaca' or 'chat', got {tr.template!r}")
     targets = cfg.lora.targets
@@ -479,9 +487,17 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig, allowed: Sequence[str]
 
     old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
     here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
+    device = resolve_device(cfg.model.device)
+    for key in ("train.precision", "eval.precision"):
+        old.setdefault(key, "float32")  # a config written before the option existed trained and scored in float32
     for d in (old, new, default):  # "auto" means what it resolves to on this machine
         if d.get("model.dtype") == "auto":
             d["model.dtype"] = here
+        if d.get("train.precision") == "auto":
+            d["train.precision"] = resolve_precision("auto", device)
+        if d.get("eval.precision") == "auto":  # per pass; "float32" when no pass autocasts here
+            passes = {pass_precision(EvalConfig(precision="auto"), device, which) for which in ("generation", "scoring")}
+            d["eval.precision"] = passes.pop() if len(passes) == 1 else "auto"
     changed = []
     for key in sorted(set(old) | set(new)):
         if key == "name" or key.startswith("compare") or key in RUNS_ANYWHERE or key in allowed:

@@ -33,6 +33,7 @@ from torch import nn
 from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
 from flexlora.data.types import ClientData, Example
 from flexlora.models import plain_head_parts
+from flexlora.precision import PRECISIONS, autocast_for, resolve_precision
 
 __all__ = [
     "EvalConfig",
@@ -74,8 +75,11 @@ class EvalConfig:
     teacher_forced: bool = False
     eval_loss: bool = False
     rouge_tokenizer: RougeTokenizer = "default"
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast" for the forward passes; see pass_precision
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if self.split not in ("eval", "test"):
@@ -178,6 +182,26 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+EvalPass = Literal["generation", "scoring"]
+# The passes where "auto" turns bf16 autocast on (on a CPU with native bfloat16): none, by measurement
+# (SmolLM2, 2 cores; README "Mixed precision on the CPU"): generation gains 1.10x and changes 4 of 16
+# greedy outputs (benchmarks/eval_throughput.py --precision); on the demo's final adapters bf16 raised the
+# eval loss from 2.669 / 2.587 to 2.685 / 2.624: under autocast a merged update is rounded with its weight
+# to bfloat16, and an attached adapter's output is added in bfloat16, so small updates are partly lost.
+# "bf16-autocast" remains available.
+AUTO_BF16_PASSES: frozenset[str] = frozenset()
+
+
+def pass_precision(cfg: EvalConfig, device: torch.device, which: EvalPass) -> str:
+    """The precision of one kind of evaluation pass: ``"generation"`` (greedy decoding) or
+    ``"scoring"`` (the teacher-forced proxies' forward pass). An explicit ``cfg.precision`` holds for
+    both; ``"auto"`` is bf16 autocast only for the passes in :data:`AUTO_BF16_PASSES`, where it was
+    measured to pay on a CPU with native bfloat16, and float32 for the others."""
+    if cfg.precision == "auto" and which not in AUTO_BF16_PASSES:
+        return "float32"
+    return resolve_precision(cfg.precision, device)
+
+
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (sorted, stable), so little padding is needed."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -217,6 +241,7 @@ def _generate_ids(
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
     device = _device(model)
+    precision = pass_precision(cfg, device, "generation")
     out: list[list[int]] = [[] for _ in prompts]
     for batch in _length_batches([len(p) for p in prompts], cfg.batch_size):
         width = max(len(prompts[i]) for i in batch)
@@ -229,16 +254,17 @@ def _generate_ids(
                 raise ValueError("cannot generate from an empty prompt")
             ids[row, width - n :] = torch.tensor(list(prompts[i]), dtype=torch.long)
             mask[row, width - n :] = 1
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=eos,
-            use_cache=True,
-        )
+        with autocast_for(precision, device):
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                use_cache=True,
+            )
         new = generated[:, width:].tolist()
         for row, i in enumerate(batch):
             toks = new[row]
@@ -308,6 +334,7 @@ def teacher_forced(
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = _device(model)
     parts = None if full_logits else plain_head_parts(model)
+    precision = pass_precision(cfg, device, "scoring")
     results: list[dict[str, Any]] = [{} for _ in examples]
     with _EvalMode(model):
         for batch in _length_batches([len(p) + len(r) for p, r in encoded], cfg.batch_size):
@@ -324,12 +351,13 @@ def teacher_forced(
                 select[row, len(prompt) - 1 : len(seq) - 1] = True
             targets = ids[:, 1:][select[:, :-1]]
             ids_d, mask_d, select_d = ids.to(device), mask.to(device), select.to(device)
-            if parts is not None:
-                decoder, head = parts
-                hidden = decoder(input_ids=ids_d, attention_mask=mask_d, use_cache=False).last_hidden_state
-                logits = head(hidden[select_d])
-            else:
-                logits = model(input_ids=ids_d, attention_mask=mask_d, use_cache=False).logits[select_d]
+            with autocast_for(precision, device):
+                if parts is not None:
+                    decoder, head = parts
+                    hidden = decoder(input_ids=ids_d, attention_mask=mask_d, use_cache=False).last_hidden_state
+                    logits = head(hidden[select_d])
+                else:
+                    logits = model(input_ids=ids_d, attention_mask=mask_d, use_cache=False).logits[select_d]
             logits = logits.float()
             losses = nn.functional.cross_entropy(logits, targets.to(device), reduction="none").cpu()
             preds = logits.argmax(-1).cpu()

@@ -24,12 +24,13 @@ from flexlora.checkpoint import CheckpointWriter, load_checkpoint, state_from_di
 from flexlora.config import ConfigError, RunConfig, config_changes, config_fingerprint
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary, summarise
-from flexlora.evaluate import EvalConfig, evaluate_clients
+from flexlora.evaluate import EvalConfig, evaluate_clients, pass_precision
 from flexlora.failures import draw_failure, garbage_update
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.models import is_low_precision, is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
 from flexlora.peft_io import write_adapter
+from flexlora.precision import explain_precision
 from flexlora.resources import group_members, module_group, target_module_names, unmatched_targets
 from flexlora.rounds import (
     ClientStatus,
@@ -354,6 +355,9 @@ class Simulation(SparseWarmup):
                 f"lora.targets names no layer of this model: {', '.join(info['unmatched_targets'])} (they train nothing; "
                 'lora.targets = "all-linear" trains every linear layer)'
             )
+        device = next(self.model.parameters()).device
+        scoring = f", scoring {pass_precision(self.cfg.eval, device, 'scoring')}" if self.cfg.eval.eval_loss or self.cfg.eval.teacher_forced else ""
+        lines.append(f"precision: training {explain_precision(self.cfg.train.precision, device)}; evaluation: generation {pass_precision(self.cfg.eval, device, 'generation')}{scoring}")
         note = self.eval_note()
         if note:
             lines.append(f"nothing will be evaluated (Rouge-L stays empty): {note}")

@@ -7,7 +7,9 @@ its share of the global state, trained, read back as plain factors, and removed 
 
 The loop is deliberately plain (nanoGPT-style): length-bucketed batches with dynamic
 padding, loss over the labelled tokens only, and the 49k-vocabulary output layer applied
-only at those positions, which is where most CPU time would otherwise go.
+only at those positions, which is where most CPU time would otherwise go. ``precision``
+(:mod:`flexlora.precision`) puts the forward pass under bfloat16 autocast on a CPU that multiplies
+bfloat16 natively; the factors, their gradients, the optimizer state and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from flexlora.data.prompts import Template, encode_for_training
 from flexlora.data.types import ClientData
 from flexlora.models import is_low_precision, plain_head_parts, weight_is_transposed
+from flexlora.precision import autocast_for, resolve_precision
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
 ADAPTER = "default"
@@ -57,6 +60,7 @@ class TrainConfig:
     freeze_A: bool = False  # train B only (FFA-LoRA sets it for its clients)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
     deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
 
 
 class ClientOutOfMemory(RuntimeError):
@@ -284,6 +288,22 @@ class LocalTrainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return peft_model
 
+    def sum_adapter_in_float32(self, peft_model, names: Sequence[str]) -> list:
+        """Under bf16 autocast, hand each adapted layer's base output to PEFT in float32, so PEFT adds the
+        adapter's output to it in float32 (returns the hook handles).
+
+        PEFT computes ``base_layer(x) + lora_B(lora_A(x)) * scale``; under autocast both terms are
+        bfloat16 and so is their sum, which rounds away any adapter contribution below half a bfloat16
+        step of the base output (2^-9 of it): early in training, with B near 0, that is all of it, and
+        the forward pass does not see what the adapter has learnt (the demo then trained measurably
+        slower). The matmuls stay bfloat16; only the sum and the layer's output are float32."""
+
+        def upcast(module, args, output):
+            return output.float() if output.dtype == torch.bfloat16 else None
+
+        base = peft_model.get_base_model()
+        return [base.get_submodule(name).base_layer.register_forward_hook(upcast) for name in names]
+
     @staticmethod
     def load_share(peft_model, share: Mapping[str, LoraFactors]) -> None:
         base = peft_model.get_base_model()
@@ -343,6 +363,7 @@ class LocalTrainer:
         if not data:
             raise ValueError(f"client {client.client_id} has no training examples")
         peft_model = self.attach(spec)
+        hooks: list = []
         try:
             self.load_share(peft_model, share)
             params_A, params_B, pairs = [], [], []
@@ -362,6 +383,8 @@ class LocalTrainer:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             plan = plan_batches([len(ids) for ids, _ in data], cfg, rng)
             device = _model_device(peft_model)
+            if resolve_precision(cfg.precision, device) == "bf16-autocast":
+                hooks += self.sum_adapter_in_float32(peft_model, list(spec))
             peft_model.train()
             loss_log = _LossLog()
             tokens = padded = 0
@@ -371,7 +394,8 @@ class LocalTrainer:
                 n_labelled = max(1, sum(m.labelled for m in micro))
                 loss_log.new_step()
                 for m in micro:
-                    loss_sum, _ = labelled_token_loss(peft_model, m.batch)
+                    with autocast_for(cfg.precision, device):
+                        loss_sum, _ = labelled_token_loss(peft_model, m.batch)
                     loss = loss_sum / n_labelled
                     if self.penalty is not None:
                         loss = loss + self.penalty.weight / len(micro) * self.penalty.term(pairs)
@@ -386,6 +410,8 @@ class LocalTrainer:
             peft_model.eval()
             factors = self.extract(peft_model, list(spec))
         finally:
+            for hook in hooks:
+                hook.remove()
             self.detach(peft_model)
         seconds = time.perf_counter() - t0
         update = ClientUpdate(client_id=str(client.client_id), num_examples=client.num_examples, modules=factors)
@@ -398,6 +424,7 @@ class LocalTrainer:
             "padding_fraction": 1 - tokens / max(1, padded),
             "seconds": seconds,
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "precision": resolve_precision(cfg.precision, device),
         }
         return TrainResult(update=update, metrics=metrics)
 
@@ -468,7 +495,8 @@ def _train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[st
             n_labelled = max(1, sum(m.labelled for m in micro))
             loss_log.new_step()
             for m in micro:
-                loss_sum, _ = labelled_token_loss(model, m.batch)
+                with autocast_for(cfg.precision, device):
+                    loss_sum, _ = labelled_token_loss(model, m.batch)
                 (loss_sum / n_labelled).backward()
                 loss_log.add(loss_sum, n_labelled)
                 tokens += m.tokens
@@ -490,7 +518,7 @@ def _train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[st
             hold_in_float32(model.get_submodule(name), False)
     seconds = time.perf_counter() - t0
     nnz = sum(int(m.sum()) for m in masks.values())
-    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0}
+    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0, "precision": resolve_precision(cfg.precision, device)}
     return SparseResult(str(client.client_id), client.num_examples, deltas, nnz, metrics)
 
 

@@ -21,6 +21,8 @@ largest matmul in a small model) is applied to those positions only.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import re
 import time
@@ -33,6 +35,7 @@ from torch import nn
 from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
 from flexlora.data.types import ClientData, Example
 from flexlora.models import plain_head_parts
+from flexlora.stats import record_intervals
 
 __all__ = [
     "EvalConfig",
@@ -93,7 +96,10 @@ class EvalConfig:
 class EvalResult:
     """Aggregated scores (Rouge-L x100). ``*_weighted`` weighs clients by ``ClientData.num_examples``
     (the paper's metric); ``*_mean`` weighs every client equally. Clients with no examples in the
-    split are listed in ``per_client`` with ``rouge_l=None`` and left out of every average."""
+    split are listed in ``per_client`` with ``rouge_l=None`` and left out of every average.
+    ``per_client`` rows keep every example's score (``example_rouge_l``; with ``eval_loss`` also
+    ``example_loss_sum`` / ``example_tokens``) and a digest of the examples scored, so figures can be
+    resampled and paired; ``intervals`` holds each figure's 95% bootstrap interval (:mod:`flexlora.stats`)."""
 
     rouge_l_weighted: float
     rouge_l_mean: float
@@ -106,6 +112,7 @@ class EvalResult:
     seconds: float
     generation_seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    intervals: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -431,16 +438,20 @@ def evaluate_clients(
             "rouge_l": sum(scores[j] for j in idx) / len(idx) if idx else None,
             "weight": client.num_examples,
             "heldout": client.heldout,
+            "example_rouge_l": [scores[j] for j in idx],
+            "examples_digest": _examples_digest(exs),
         }
         if tf is not None and cfg.teacher_forced:
             row["proxy_teacher_forced_rouge_l"] = sum(tf[j]["rouge_l"] for j in idx) / len(idx) if idx else None
         if tf is not None and cfg.eval_loss:
             tokens = sum(tf[j]["num_tokens"] for j in idx)
             row["proxy_eval_loss"] = sum(tf[j]["loss_sum"] for j in idx) / tokens if tokens else None
+            row["example_loss_sum"] = [tf[j]["loss_sum"] for j in idx]
+            row["example_tokens"] = [tf[j]["num_tokens"] for j in idx]
         per_client.append(row)
 
     weighted, plain = _means(per_client, "rouge_l")
-    return EvalResult(
+    result = EvalResult(
         rouge_l_weighted=weighted,
         rouge_l_mean=plain,
         per_client=per_client,
@@ -454,3 +465,11 @@ def evaluate_clients(
         generation_seconds=gen_seconds,
         config=asdict(cfg),
     )
+    result.intervals = record_intervals(result.to_dict())
+    return result
+
+
+def _examples_digest(examples: Sequence[Example]) -> str:
+    """Which examples a client was scored on: two results pair only when these agree."""
+    text = json.dumps([[ex.instruction, ex.input, ex.output] for ex in examples], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

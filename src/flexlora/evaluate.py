@@ -68,15 +68,15 @@ class EvalConfig:
     is identical to the default on ASCII text; it is not the paper's setting.
     """
 
-    template: Template = "alpaca"
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    examples_per_client: int | None = None
-    split: Split = "eval"
-    teacher_forced: bool = False
-    eval_loss: bool = False
-    rouge_tokenizer: RougeTokenizer = "default"
+    template: Template = "alpaca"  # the prompt format (as in training)
+    max_prompt_tokens: int = 512  # longer prompts are cut
+    max_new_tokens: int = 64  # greedy generation stops at EOS or after this many tokens
+    batch_size: int = 8  # prompts generated together
+    examples_per_client: int | None = None  # score at most this many examples per client (the first ones); unset: all
+    split: Split = "eval"  # which of each client's splits is scored
+    teacher_forced: bool = False  # also report the official code's teacher-forced Rouge-L proxy (not the paper's number)
+    eval_loss: bool = False  # also report the mean token cross-entropy on the references (proxy_eval_loss)
+    rouge_tokenizer: RougeTokenizer = "default"  # "default" (rouge-score: ASCII only, the paper's) | "unicode" (every script)
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:

@@ -214,3 +214,14 @@ def format_interval(value: float | None, interval: Sequence[float] | None, digit
     sign = "+" if signed else ""
     text = f"{value:{sign}.{digits}f}"
     return text if interval is None else f"{text} [{interval[0]:{sign}.{digits}f}, {interval[1]:{sign}.{digits}f}]"
+
+
+def summary_intervals(last: Mapping[str, Any] | None, first: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A run summary's intervals: the last evaluation's figures, and ``base_rouge_l_weighted`` from
+    the round-0 evaluation (None without an evaluation)."""
+    if last is None:
+        return None
+    out = record_intervals(last)
+    if first is not None:
+        out["base_rouge_l_weighted"] = record_intervals(first).get("rouge_l_weighted")
+    return out

@@ -27,7 +27,7 @@ def test_compare_runs_methods_on_one_config_and_writes_table_and_plot(tmp_path, 
     assert diff["run"] == "flexlora" and "vs_first" not in rows[0]
     assert diff["proxy_eval_loss"]["difference"] == pytest.approx(rows[1]["proxy_eval_loss"] - rows[0]["proxy_eval_loss"])
     assert diff["proxy_eval_loss"]["low"] <= diff["proxy_eval_loss"]["difference"] <= diff["proxy_eval_loss"]["high"]
-    assert "eval loss - flexlora" in printed and "bootstrap interval over the 2 held-out clients" in printed
+    assert "diff eval loss" in printed and "95% bootstrap interval over the 2 held-out clients" in printed and "first run, flexlora" in printed
     import matplotlib.pyplot as plt
 
     from flexlora.compare import runs_figure

@@ -175,15 +175,16 @@ def print_table(summaries: Sequence[dict[str, Any]], title: str = "flexlora comp
     """One row per run; every held-out figure with its 95% bootstrap interval in brackets and, after
     the first run, its paired difference to the first run."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
     paired = [f for f in ("rouge_l_weighted", "proxy_eval_loss") if any((s.get("vs_first") or {}).get(f) for s in summaries)]
-    diff_cols = {"rouge_l_weighted": f"Rouge-L - {summaries[0]['name']}", "proxy_eval_loss": f"eval loss - {summaries[0]['name']}"} if summaries else {}
+    figures = ("Rouge-L base", "Rouge-L final", "diff Rouge-L", "eval loss", "diff eval loss")
     for col in ("run", "aggregation", "ranks", "rounds", "tokens", "train loss", "Rouge-L base", "Rouge-L final",
-                *([diff_cols["rouge_l_weighted"]] if "rouge_l_weighted" in paired else []),
-                "eval loss", *([diff_cols["proxy_eval_loss"]] if "proxy_eval_loss" in paired else []), "epsilon", "train s"):
-        table.add_column(col, justify="right" if col not in ("run", "aggregation", "ranks") else "left")
+                *(["diff Rouge-L"] if "rouge_l_weighted" in paired else []), "eval loss",
+                *(["diff eval loss"] if "proxy_eval_loss" in paired else []), "epsilon", "train s"):
+        table.add_column(col, justify="right" if col not in ("run", "aggregation", "ranks") else "left", no_wrap=col in figures or col in ("run", "aggregation", "ranks"))
     fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     for s in summaries:
         iv = s.get("intervals") or {}
@@ -196,13 +197,13 @@ def print_table(summaries: Sequence[dict[str, Any]], title: str = "flexlora comp
         row.append(format_interval(s["proxy_eval_loss"], iv.get("proxy_eval_loss"), 3))
         if "proxy_eval_loss" in paired:
             row.append(_difference(s, "proxy_eval_loss", 3))
-        table.add_row(*row, _epsilon(s), fmt(s["train_seconds"], 0))
+        table.add_row(*(escape(c) for c in row), _epsilon(s), fmt(s["train_seconds"], 0))
     meta = next((s["intervals"]["interval"] for s in summaries if s.get("intervals")), None)
     if meta:
-        table.caption = (
+        table.caption = escape(
             f"[low, high]: {meta['level']:.0%} bootstrap interval over the {meta['units']} held-out {meta['unit']}s"
-            + (f"; differences are paired with {summaries[0]['name']} on the same examples" if paired else "")
+            + (f"; diff: paired difference to the first run, {summaries[0]['name']}, on the same examples" if paired else "")
         )
     import sys
 
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs and CI: do not squeeze to 80 columns
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # logs and CI: do not squeeze to 80 columns

@@ -90,7 +90,7 @@ def _docstring_sentence(doc: str, name: str) -> str:
     text = " ".join(doc.split())
     for sentence in re.split(r"(?<=[.;])\s+(?=[A-Z`(])", text):
         if f"``{name}``" in sentence:
-            return sentence.replace("``", "`")
+            return _plain(sentence)
     return ""
 
 
@@ -185,7 +185,12 @@ def _section_doc(section: str) -> str:
     for part in section.split(".") if section else []:
         cls = get_type_hints(cls)[part]
     doc = inspect.getdoc(cls) or ""
-    return " ".join(doc.split("\n\n")[0].split()).replace("``", "`") if cls is not RunConfig else ""
+    return _plain(" ".join(doc.split("\n\n")[0].split())) if cls is not RunConfig else ""
+
+
+def _plain(text: str) -> str:
+    """Docstring markup as Markdown: ````x```` and ``:mod:`x``` become ```x```."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text).replace("``", "`")
 
 
 # ---------------------------------------------------------------------------------------- the outputs
@@ -243,6 +248,6 @@ def markdown_reference() -> str:
         out += ["| key | type | default | meaning |", "|---|---|---|---|"]
         for k in group:
             default = "unset" if k.default is None else f"`{toml_value(k.default)}`"
-            cells = [f"`{k.key}`", k.type, default, k.meaning.replace("``", "`")]
+            cells = [f"`{k.key}`", k.type, default, _plain(k.meaning)]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"

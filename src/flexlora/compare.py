@@ -148,7 +148,7 @@ def runs_figure(out: Path, labels: Sequence[str]):
     ax_r.set(title="Zero-shot Rouge-L on held-out clients (weighted; 95% interval)", xlabel="round", ylabel="Rouge-L")
     ax_l.set(title="Local training loss (mean over clients)", xlabel="round", ylabel="loss")
     for ax in (ax_r, ax_l):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one round in view still gets whole-number ticks
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -124,6 +124,11 @@ def test_weighting_by_data_size_and_per_category(monkeypatch, tiny_model, tiny_t
         "rouge_l_weighted": pytest.approx(200 / 3), "rouge_l_mean": pytest.approx(200 / 3), "num_clients": 1, "num_examples": 3
     }
     assert res.proxy_eval_loss is None and res.proxy_teacher_forced_rouge_l_weighted is None
+    # every example's score is kept (the averages above are made from them), and each figure has its interval
+    assert [r["example_rouge_l"] for r in res.per_client] == [[100, 0], [100], [0, 100, 100], []]
+    assert res.per_client[0]["examples_digest"] != res.per_client[1]["examples_digest"]
+    low, high = res.intervals["rouge_l_weighted"]
+    assert low <= res.rouge_l_weighted <= high and res.intervals["interval"]["units"] == 3
     json.dumps(res.to_dict())
 
 
@@ -269,6 +274,8 @@ def test_evaluate_clients_end_to_end_with_proxies(tiny_model, tiny_tokenizer):
     losses = [sum(t["loss_sum"] for t in part) / sum(t["num_tokens"] for t in part) for part in (tf[:4], tf[4:])]
     tf_rouge = [sum(t["rouge_l"] for t in part) / len(part) for part in (tf[:4], tf[4:])]
     assert [r["proxy_eval_loss"] for r in res.per_client] == pytest.approx(losses)
+    assert [sum(r["example_loss_sum"]) / sum(r["example_tokens"]) for r in res.per_client] == pytest.approx(losses)
+    assert res.intervals["proxy_eval_loss"][0] <= res.proxy_eval_loss <= res.intervals["proxy_eval_loss"][1]
     assert [r["proxy_teacher_forced_rouge_l"] for r in res.per_client] == pytest.approx(tf_rouge)
     assert res.proxy_eval_loss == pytest.approx((40 * losses[0] + 3 * losses[1]) / 43)
     assert res.proxy_teacher_forced_rouge_l_weighted == pytest.approx((40 * tf_rouge[0] + 3 * tf_rouge[1]) / 43)

@@ -1,4 +1,4 @@
-"""The ``flexlora`` command: run | compare | aggregate | eval.
+"""The ``flexlora`` command: run | compare | aggregate | eval | config.
 
 Errors in what the user gave (bad config, bad adapter, bad data) print one line naming the
 problem and exit with code 2; nothing already saved is touched.
@@ -223,12 +223,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
     result["adapter"] = args.adapter
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
-    print(f"Rouge-L (weighted) {result['rouge_l_weighted']:.2f}, mean {result['rouge_l_mean']:.2f} over {len(clients)} clients -> {out}")
+    from flexlora.stats import format_interval
+
+    iv = result["intervals"]
+    loss = "" if result["proxy_eval_loss"] is None else f", eval loss {format_interval(result['proxy_eval_loss'], iv.get('proxy_eval_loss'), 3)}"
+    print(f"Rouge-L (weighted) {format_interval(result['rouge_l_weighted'], iv.get('rouge_l_weighted'))}, "
+          f"mean {format_interval(result['rouge_l_mean'], iv.get('rouge_l_mean'))}{loss} over {len(clients)} clients -> {out}")
+    print(f"[low, high]: {iv['interval']['level']:.0%} bootstrap interval, resampling the {iv['interval']['units']} {iv['interval']['unit']}s scored")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from flexlora.config_reference import defaults_toml, markdown_reference
+
+    if args.markdown:
+        sys.stdout.write(markdown_reference())
+    elif args.defaults:
+        sys.stdout.write(defaults_toml())
+    else:
+        from flexlora.config import load_config
+
+        sys.stdout.write(defaults_toml(load_config(args.config, _overrides(args)).to_dict()))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexlora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flexlora", description=__doc__.splitlines()[0],
+        epilog="Config keys: `flexlora config --defaults` (every key, default and meaning) or docs/config.md.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     from flexlora.methods import METHODS
@@ -278,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (sets model.device)")
     ev.set_defaults(func=cmd_eval)
+
+    conf = sub.add_parser(
+        "config", help="every config key: defaults as a commented TOML, the reference page, or the configuration a run would use",
+        description="Without --defaults or --markdown: the configuration --config and --set give (checked), every key commented.",
+    )
+    what = conf.add_mutually_exclusive_group()
+    what.add_argument("--defaults", action="store_true", help="every key with its default, type and meaning, as a TOML that is itself a valid config")
+    what.add_argument("--markdown", action="store_true", help="the reference page (docs/config.md): key, type, default, meaning")
+    conf.add_argument("--config", help="TOML config to show with every key filled in")
+    conf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. federation.rounds=5")
+    conf.set_defaults(func=cmd_config)
     return parser
 
 

@@ -42,24 +42,24 @@ class DataConfig:
     random set of the partitioned clients (default 10%, at least one), for the suite the number
     of held-out tasks (default one per category, 8). NI data marks its own held-out clients."""
 
-    kind: str = "suite"
-    path: str | None = None
-    heldout_file: str | None = None
-    heldout_clients: int | None = None
-    heldout_fraction: float | None = None
+    kind: str = "suite"  # "suite" (built-in tasks) | "ni" (Natural Instructions at `path`) | "instruct" (Dolly-style JSON/JSONL at `path`)
+    path: str | None = None  # the data file or folder for kind = "ni" / "instruct"
+    heldout_file: str | None = None  # a JSON list of held-out client ids (or {"client_ids": [...]}), for any kind
+    heldout_clients: int | None = None  # how many clients to hold out (suite: held-out tasks, default 8; instruct: seeded random clients)
+    heldout_fraction: float | None = None  # the held-out share of the clients instead of a count (instruct default 0.1, at least one)
     # suite
-    suite_clients: int = 24
-    suite_examples: int = 32
-    suite_eval: int = 8
+    suite_clients: int = 24  # suite: training clients (one task each)
+    suite_examples: int = 32  # suite: mean training examples per client (sizes vary ~0.25x-1.75x so data-size weights matter)
+    suite_eval: int = 8  # suite: eval examples per client
     # instruct
-    partition: str = "dirichlet"  # or "category"
-    num_clients: int = 20
-    dirichlet_alpha: float = 0.5
-    eval_fraction: float = 0.1
+    partition: str = "dirichlet"  # instruct: "dirichlet" (category mix per client drawn with dirichlet_alpha) | "category" (one client per category)
+    num_clients: int = 20  # instruct, dirichlet: how many clients the records are split into
+    dirichlet_alpha: float = 0.5  # instruct, dirichlet: concentration; smaller = each client's categories more skewed
+    eval_fraction: float = 0.1  # instruct: share of each client's records kept for evaluation
     # caps
-    max_train_per_client: int | None = None
-    max_eval_per_client: int | None = None
-    on_error: str = "raise"
+    max_train_per_client: int | None = None  # NI: keep at most this many training records per client (file order)
+    max_eval_per_client: int | None = None  # NI: keep at most this many eval (and test) records per client
+    on_error: str = "raise"  # a bad record: "raise" (one line naming file and record) | "skip" (dropped, with one warning per file)
 
 
 @dataclass
@@ -69,11 +69,11 @@ class LoraSettings:
     whose module group (the key a resource type ranks: attention, mlp) the architecture does not
     tell, e.g. ``{ mlp = ["wi", "wo"] }``; explicit entries win over the derived groups."""
 
-    alpha: float = 16.0
-    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    groups: dict[str, list[str]] = field(default_factory=dict)
-    rank_scale: float = 1.0
-    cap_at_width: bool = True
+    alpha: float = 16.0  # LoRA alpha: a rank-r adapter is scaled by alpha / r (the paper: 16)
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # layers LoRA trains: names (matching a layer named so or ending in .name) or "all-linear"
+    groups: dict[str, list[str]] = field(default_factory=dict)  # module group of layers the architecture does not tell: { mlp = ["wi", "wo"] }
+    rank_scale: float = 1.0  # multiplies every resource type's ranks (rounded, at least 1): the paper's types on a smaller model
+    cap_at_width: bool = True  # a rank above a layer's width is capped at the width (false: refused)
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023): high ranks learn as fast as low ones
 
 
@@ -81,13 +81,13 @@ class LoraSettings:
 class ResourceConfig:
     """``mode``: "types" (the paper: a type per client from ``distribution``) or "budget"."""
 
-    mode: str = "types"
-    distribution: str = "heavy-tail-strong"
+    mode: str = "types"  # "types" (the paper: a resource type per client from `distribution`) | "budget" (memory budgets)
+    distribution: str = "heavy-tail-strong"  # the paper's spread of types over clients: homo, uniform, heavy-tail-light, heavy-tail-strong, normal
     custom_distribution: dict[str, float] = field(default_factory=dict)  # overrides ``distribution`` when set
     types: dict[str, dict[str, int]] = field(default_factory=dict)  # extra/overriding types: {"tiny": {"attention": 2, "mlp": 4}}
     budget_mib: list[float] = field(default_factory=lambda: [2.0, 8.0, 32.0])  # budget mode: per-client budgets, cycled
-    budget_ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 30, 64, 128, 200])
-    budget_fluctuation: float = 0.3
+    budget_ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 30, 64, 128, 200])  # budget mode: a client trains the largest of these ranks that fits
+    budget_fluctuation: float = 0.3  # budget mode: each round a budget is multiplied by a seeded factor in [1 - f, 1 + f]
 
 
 @dataclass
@@ -96,13 +96,13 @@ class FederationConfig:
     method that combines adapters. ``clients_per_round`` (count) wins over ``fraction``."""
 
     algorithm: str = "fedit"  # fedit (AdamW) | fedavg (SGD) | slora
-    aggregation: str = "flexlora"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 3
-    clients_per_round: int | None = 4
-    fraction: float | None = None
-    min_clients: int = 1
-    seed: int = 0
+    aggregation: str = "flexlora"  # the method that combines adapters (flexlora, fedavg, hetlora, flora, ffa, ...)
+    method_options: dict[str, Any] = field(default_factory=dict)  # the aggregation method's own options, e.g. { singular_values = "sqrt" }
+    rounds: int = 3  # federated rounds
+    clients_per_round: int | None = 4  # training clients sampled each round (wins over `fraction`)
+    fraction: float | None = None  # the share of training clients sampled each round, when clients_per_round is unset
+    min_clients: int = 1  # a round with fewer valid updates is skipped (global state unchanged)
+    seed: int = 0  # the run's seed: client sampling, resource types, data partition, training batches
     server_dtype: str = "float32"  # the dtype of aggregation; float64 for reference-grade exactness
     server_device: str = "cpu"  # where the server aggregates ("cuda" for large models); its state is always kept on the CPU
     slora_rounds: int = 2  # SLoRA: the first rounds train sparse full weights (stage 1)
@@ -114,10 +114,10 @@ class FailureConfig:
     """Failure injection (simulator): fractions of the selected clients per round that crash,
     return garbage (NaN / wrong shapes / huge norms), or straggle past the timeout."""
 
-    crash: float = 0.0
-    garbage: float = 0.0
-    straggle: float = 0.0
-    norm_factor: float | None = 100.0
+    crash: float = 0.0  # share of each round's selected clients that crash (no update)
+    garbage: float = 0.0  # share that return garbage (NaN, wrong shapes, huge norms)
+    straggle: float = 0.0  # share that straggle past the round's timeout
+    norm_factor: float | None = 100.0  # reject an update whose norm exceeds this multiple of the round median (unset: no norm check)
 
 
 @dataclass
@@ -128,9 +128,9 @@ class PrivacyConfig:
     under Poisson sampling) and switches to uniform client weights and ``sampling``; epsilon at ``delta``
     is accounted with Google's dp-accounting (RDP). Clipping alone is a robustness option (no epsilon)."""
 
-    clip_norm: float = 0.0
-    noise_multiplier: float = 0.0
-    delta: float = 1e-5
+    clip_norm: float = 0.0  # > 0: clip every client's whole update to this Frobenius norm
+    noise_multiplier: float = 0.0  # > 0: Gaussian noise of std noise_multiplier * clip_norm / m on the aggregate (needs clip_norm)
+    delta: float = 1e-5  # the delta at which epsilon is reported
     sampling: str = "poisson"  # poisson (each client joins w.p. clients_per_round / N) | fixed (m of N without replacement)
 
     @property
@@ -148,14 +148,14 @@ class RunEvalConfig(EvalConfig):
     (the base model's line) if ``at_start``, on ``clients`` held-out clients (all of them when
     there are no more; otherwise a fixed random subset drawn with seed 0, the same for every run)."""
 
-    every: int = 0
-    at_start: bool = True
-    clients: int = 8
+    every: int = 0  # evaluate every this many rounds (0: only after the last round)
+    at_start: bool = True  # evaluate the base model before round 1 (the curve's round 0)
+    clients: int = 8  # held-out clients evaluated (a fixed seed-0 subset when there are more)
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # the run's name in tables and summaries (compare: each entry's label)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -165,7 +165,7 @@ class RunConfig:
     eval: RunEvalConfig = field(default_factory=RunEvalConfig)
     failures: FailureConfig = field(default_factory=FailureConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    compare: list[dict[str, Any]] = field(default_factory=list)  # `flexlora compare`: tables with a label and config changes
+    compare: list[dict[str, Any]] = field(default_factory=list)  # `flexlora compare`: [[compare]] tables, each a label and the keys it changes, e.g. label = "fedavg", federation = { aggregation = "fedavg" }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

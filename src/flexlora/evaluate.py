@@ -21,6 +21,8 @@ largest matmul in a small model) is applied to those positions only.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import re
 import time
@@ -34,6 +36,7 @@ from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
 from flexlora.data.types import ClientData, Example
 from flexlora.models import plain_head_parts
 from flexlora.precision import PRECISIONS, autocast_for, resolve_precision
+from flexlora.stats import record_intervals
 
 __all__ = [
     "EvalConfig",
@@ -66,15 +69,15 @@ class EvalConfig:
     is identical to the default on ASCII text; it is not the paper's setting.
     """
 
-    template: Template = "alpaca"
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    examples_per_client: int | None = None
-    split: Split = "eval"
-    teacher_forced: bool = False
-    eval_loss: bool = False
-    rouge_tokenizer: RougeTokenizer = "default"
+    template: Template = "alpaca"  # the prompt format (as in training)
+    max_prompt_tokens: int = 512  # longer prompts are cut
+    max_new_tokens: int = 64  # greedy generation stops at EOS or after this many tokens
+    batch_size: int = 8  # prompts generated together
+    examples_per_client: int | None = None  # score at most this many examples per client (the first ones); unset: all
+    split: Split = "eval"  # which of each client's splits is scored
+    teacher_forced: bool = False  # also report the official code's teacher-forced Rouge-L proxy (not the paper's number)
+    eval_loss: bool = False  # also report the mean token cross-entropy on the references (proxy_eval_loss)
+    rouge_tokenizer: RougeTokenizer = "default"  # "default" (rouge-score: ASCII only, the paper's) | "unicode" (every script)
     precision: str = "auto"  # "auto" | "float32" | "bf16-autocast" for the forward passes; see pass_precision
 
     def __post_init__(self) -> None:
@@ -97,7 +100,10 @@ class EvalConfig:
 class EvalResult:
     """Aggregated scores (Rouge-L x100). ``*_weighted`` weighs clients by ``ClientData.num_examples``
     (the paper's metric); ``*_mean`` weighs every client equally. Clients with no examples in the
-    split are listed in ``per_client`` with ``rouge_l=None`` and left out of every average."""
+    split are listed in ``per_client`` with ``rouge_l=None`` and left out of every average.
+    ``per_client`` rows keep every example's score (``example_rouge_l``; with ``eval_loss`` also
+    ``example_loss_sum`` / ``example_tokens``) and a digest of the examples scored, so figures can be
+    resampled and paired; ``intervals`` holds each figure's 95% bootstrap interval (:mod:`flexlora.stats`)."""
 
     rouge_l_weighted: float
     rouge_l_mean: float
@@ -110,6 +116,7 @@ class EvalResult:
     seconds: float
     generation_seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    intervals: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -459,16 +466,20 @@ def evaluate_clients(
             "rouge_l": sum(scores[j] for j in idx) / len(idx) if idx else None,
             "weight": client.num_examples,
             "heldout": client.heldout,
+            "example_rouge_l": [scores[j] for j in idx],
+            "examples_digest": _examples_digest(exs),
         }
         if tf is not None and cfg.teacher_forced:
             row["proxy_teacher_forced_rouge_l"] = sum(tf[j]["rouge_l"] for j in idx) / len(idx) if idx else None
         if tf is not None and cfg.eval_loss:
             tokens = sum(tf[j]["num_tokens"] for j in idx)
             row["proxy_eval_loss"] = sum(tf[j]["loss_sum"] for j in idx) / tokens if tokens else None
+            row["example_loss_sum"] = [tf[j]["loss_sum"] for j in idx]
+            row["example_tokens"] = [tf[j]["num_tokens"] for j in idx]
         per_client.append(row)
 
     weighted, plain = _means(per_client, "rouge_l")
-    return EvalResult(
+    result = EvalResult(
         rouge_l_weighted=weighted,
         rouge_l_mean=plain,
         per_client=per_client,
@@ -482,3 +493,11 @@ def evaluate_clients(
         generation_seconds=gen_seconds,
         config=asdict(cfg),
     )
+    result.intervals = record_intervals(result.to_dict())
+    return result
+
+
+def _examples_digest(examples: Sequence[Example]) -> str:
+    """Which examples a client was scored on: two results pair only when these agree."""
+    text = json.dumps([[ex.instruction, ex.input, ex.output] for ex in examples], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

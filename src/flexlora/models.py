@@ -36,12 +36,12 @@ class ModelConfig:
     """``source``: "smollm2" (packaged default), "tiny" (random test model using SmolLM2's tokenizer),
     a local HF model directory, or a ``.gguf`` file."""
 
-    source: str = "smollm2"
+    source: str = "smollm2"  # "smollm2" (packaged SmolLM2-135M-Instruct) | "tiny" (random test model) | a HF model folder | a .gguf file
     device: str = "auto"  # "auto" (CUDA, else MPS, else CPU) | "cpu" | "cuda" | "cuda:N" | "mps"
     dtype: str = "auto"  # "auto": bfloat16 on a CUDA device with native bfloat16 (capability >= 8.0), float32 elsewhere
     quantization: str | None = None  # "4bit" / "8bit" base weights through bitsandbytes (QLoRA); CUDA only
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    tiny: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    threads: int | None = None  # torch intra-op threads; unset keeps torch's default
+    tiny: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})  # source = "tiny": its Llama config
     seed: int = 0  # initialisation seed of the tiny model
     cache_dir: str | None = None  # where the dequantised GGUF state dict is cached (default ~/.cache/flexlora)
 

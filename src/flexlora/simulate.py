@@ -25,6 +25,7 @@ from flexlora.config import ConfigError, RunConfig, config_changes, config_finge
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients, pass_precision
+from flexlora.stats import summary_intervals
 from flexlora.failures import draw_failure, garbage_update
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
@@ -502,6 +503,7 @@ class Simulation(SparseWarmup):
             "rouge_l_mean": last["rouge_l_mean"] if last else None,
             "base_rouge_l_weighted": first["rouge_l_weighted"] if first else None,
             "proxy_eval_loss": last.get("proxy_eval_loss") if last else None,
+            "intervals": summary_intervals(last, first),  # 95% bootstrap intervals of the figures above (flexlora.stats)
             "dropped_updates": sum(len(h.get("dropped", {})) for h in rounds),
             "skipped_rounds": [h["round"] for h in rounds if "skipped" in h],
             "final_adapters": str(final),

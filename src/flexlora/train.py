@@ -40,22 +40,22 @@ class TrainConfig:
     """Local training. ``optimizer``: "adamw" (FedIT) or "sgd" (FedAvg); the step count is
     ``local_epochs`` over the client's data unless ``max_steps`` caps it."""
 
-    optimizer: str = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # "adamw" (FedIT) | "sgd" (FedAvg)
+    lr: float = 2e-4  # local learning rate
+    weight_decay: float = 0.0  # the optimizer's weight decay
     momentum: float = 0.0  # sgd only
-    local_epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 320
+    local_epochs: float = 1.0  # passes over the client's data per round (fractions allowed)
+    max_steps: int | None = None  # caps the optimizer steps per round
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 320  # tokens per training example (prompt + response), longer ones are cut
     train_on_inputs: bool = True  # the paper's choice: loss over the whole sequence
-    template: Template = "alpaca"
-    lora_dropout: float = 0.05
-    grad_clip: float | None = 1.0
+    template: Template = "alpaca"  # the prompt format: "alpaca" (the paper's) or the tokenizer's "chat" template
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input (the paper: 0.05)
+    grad_clip: float | None = 1.0  # clip the gradient norm to this (unset or 0: no clipping)
     max_examples: int | None = None  # use at most this many of a client's training examples
     hetlora_lambda: float = 0.0  # HetLoRA (aggregation = hetlora): > 0 adds its self-pruning regulariser
-    hetlora_gamma: float = 0.99
+    hetlora_gamma: float = 0.99  # HetLoRA: the regulariser and pruning keep rank floor(gamma * r)
     hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
     freeze_A: bool = False  # train B only (FFA-LoRA sets it for its clients)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time

@@ -132,7 +132,10 @@ def _shared_a(replies: dict) -> dict:
 FFA = _shared_a(HOMO)
 
 
-@pytest.mark.parametrize("method,replies", [("flexlora", HETERO), ("hetlora", HETERO), ("rank_partition", HETERO), ("fedavg", HOMO), ("ffa", FFA)])
+@pytest.mark.parametrize(
+    "method,replies",
+    [("flexlora", HETERO), ("hetlora", HETERO), ("rank_partition", HETERO), ("fedavg", HOMO), ("ffa", FFA), ("lora_fair", HOMO), ("rolora", FFA)],
+)
 def test_aggregate_equals_the_core_methods_exactly(method, replies):
     strategy = FlexLoRAStrategy(method, lora_config=DECLARED)
     result, _ = run(strategy, Nodes(replies))
@@ -150,6 +153,12 @@ def test_aggregate_equals_the_core_methods_exactly(method, replies):
     for name, f in get_method(method).share_for(want, strategy.ranks.declared).items():
         assert torch.equal(declared[peft_key(name, "B")], f.B.float()) and torch.equal(declared[peft_key(name, "A")], f.A.float())
         assert f.A.shape[0] == DECLARED["r"]
+
+
+def test_nodes_are_told_which_factors_to_train():
+    nodes = Nodes(FFA)
+    run(FlexLoRAStrategy("rolora", lora_config=DECLARED), nodes)  # RoLoRA's round 1 trains B (A frozen)
+    assert {conf["trained-factors"] for n in nodes.received for _, conf, _ in nodes.received[n]} == {"B"}
 
 
 def test_a_rank_never_seen_is_served_at_its_own_rank(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.evaluate import EvalConfig, pass_precision
-from flexlora.methods import METHODS
+from flexlora.methods import METHODS, get_method
 from flexlora.precision import PRECISIONS, resolve_precision
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
@@ -291,6 +291,10 @@ def validate(cfg: RunConfig) -> None:
     fed, tr, res, d = cfg.federation, cfg.train, cfg.resources, cfg.data
     if fed.aggregation not in METHODS:
         raise ConfigError(f"federation.aggregation: unknown method {fed.aggregation!r}; choose one of {sorted(METHODS)}")
+    try:  # typed and range-checked before any work: the method's constructor is cheap
+        get_method(fed.aggregation, **dict(fed.method_options))
+    except ValueError as e:
+        raise ConfigError(f"federation.method_options: {e}") from None
     if fed.algorithm not in ("fedit", "fedavg", "slora"):
         raise ConfigError(f"federation.algorithm: {fed.algorithm!r} is not one of fedit, fedavg, slora")
     if fed.rounds < 1:

@@ -368,6 +368,7 @@ class Simulation(SparseWarmup):
         """One round in this process: the engine plans it, the local trainer trains every client in
         turn (with the configured failures injected), the engine closes it."""
         plan = self.engine.plan(rnd, state)
+        self.trainer.cfg = self.method.local_training(self.cfg.train, round=rnd)  # e.g. RoLoRA: the factor this round trains
         fail_rng = random.Random(derived_seed(self.cfg.federation.seed, "failures", rnd))
         outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=0.0)
         task = bar.add_task(f"round {rnd}: clients", total=len(plan.clients)) if bar is not None else None

@@ -57,7 +57,8 @@ class TrainConfig:
     hetlora_lambda: float = 0.0  # HetLoRA (aggregation = hetlora): > 0 adds its self-pruning regulariser
     hetlora_gamma: float = 0.99  # HetLoRA: the regulariser and pruning keep rank floor(gamma * r)
     hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
-    freeze_A: bool = False  # train B only (FFA-LoRA sets it for its clients)
+    freeze_A: bool = False  # train B only (set by the method: FFA-LoRA always, RoLoRA in its B rounds)
+    freeze_B: bool = False  # train A only (set by the method: RoLoRA in its A rounds)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
     deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
     precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
@@ -372,11 +373,15 @@ class LocalTrainer:
                 layer = base.get_submodule(name)
                 A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
                 A.requires_grad_(not cfg.freeze_A)
+                B.requires_grad_(not cfg.freeze_B)
                 if not cfg.freeze_A:
                     params_A.append(A)
-                params_B.append(B)
+                if not cfg.freeze_B:
+                    params_B.append(B)
                 pairs.append((A, B))
             params = params_A + params_B
+            if not params:
+                raise ValueError("train.freeze_A and train.freeze_B together leave nothing to train")
             if cfg.optimizer == "adamw":
                 opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             else:

@@ -65,7 +65,7 @@ class NodeRuntime:
 
         self.cfg = cfg
         self.clients = {c.client_id: c for c in load_clients(cfg)}
-        self.model = self.tokenizer = self.trainer = None
+        self.model = self.tokenizer = self.trainer = self.method = None
         self.originals: dict[str, Tensor] = {}
         if with_model:
             self.load_model()
@@ -82,6 +82,7 @@ class NodeRuntime:
             use_deterministic_kernels()
         self.model, self.tokenizer = load_model(self.cfg.model)
         method = get_method(self.cfg.federation.aggregation, **dict(self.cfg.federation.method_options))  # its client side only
+        self.method = method
         self.trainer = LocalTrainer(self.model, self.tokenizer, self.cfg.lora.targets, method.local_training(self.cfg.train), method.local_penalty(self.cfg.train))
         shapes = target_module_names(self.model, self.cfg.lora.targets)
         self.originals = {n: self.model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in shapes}  # host memory
@@ -138,6 +139,7 @@ def handle_train(msg: "Message", context: "Context") -> "Message":
     share = arrays_to_factors(msg.content["share"], {n: s.scale for n, s in spec.items()})
     merged = arrays_to_tensors(msg.content["base"]) if "base" in msg.content else {}
     apply_dense_delta(rt.model, merged, rt.originals)  # FLoRA: W = W0 + everything merged so far
+    rt.trainer.cfg = rt.method.local_training(cfg.train, round=int(conf["round"]))  # e.g. RoLoRA: the factor this round trains
     try:
         result = rt.trainer.train_client(client, spec, share, seed=int(conf["seed"]))
     finally:

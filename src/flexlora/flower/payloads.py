@@ -27,7 +27,7 @@ SUMMARY = "summary.json"
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "config": "",  # flexlora TOML config ("" = built-in defaults); absolute, or relative to the ServerApp's cwd
     "set": "",  # overrides, "federation.rounds=4; train.lr=1e-4"
-    "aggregation": "",  # method override: any flexlora method (flexlora, fedavg, hetlora, flora, ffa, rank_partition, florist, fedex)
+    "aggregation": "",  # method override: any flexlora method (flexlora, fedavg, hetlora, flora, ffa, rank_partition, florist, fedex, lora_fair, rolora)
     "out": "runs/flower",  # run folder: metrics.jsonl, checkpoints, summary.json, final/
     "resume": False,
     "round-timeout": 600.0,  # seconds a round waits for replies; late nodes are left out of that round

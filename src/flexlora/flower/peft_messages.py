@@ -7,7 +7,9 @@ Both sides import this module; it needs torch, and flwr only through :mod:`.payl
 * train/evaluate (server -> node): ``"arrays"``: the node's share as a PEFT LoRA state dict;
   ``"config"``: the caller's train/evaluate config plus ``"server-round"``, ``"lora-config"``
   (JSON: ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` of the share)
-  and ``"transport-dtype"`` (float32, float16 or bfloat16; bfloat16 travels as int16 bits).
+  and ``"transport-dtype"`` (float32, float16 or bfloat16; bfloat16 travels as int16 bits), and
+  ``"trained-factors"`` (``"A,B"``, or the one factor a client trains this round: ``"B"`` for FFA-LoRA,
+  alternating for RoLoRA; the client freezes the other, ``requires_grad_(False)`` on its weights).
 * train reply (node -> server): ``"arrays"``: the trained PEFT LoRA state dict; ``"metrics"`` with
   ``"num-examples"``; optionally ``"config"`` with ``"lora-config"`` and ``"transport-dtype"``.
 * query (server -> node, once per node the strategy has not heard from): the answer's
@@ -32,6 +34,7 @@ LORA_CONFIG = "lora-config"
 TRANSPORT = "transport-dtype"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+TRAINED_FACTORS = "trained-factors"  # "A,B", or the one factor the method trains this round (FFA-LoRA: "B"; RoLoRA alternates)
 LORA_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
 
 

@@ -39,6 +39,7 @@ from flexlora.flower.peft_messages import (
     METRICS,
     NUM_EXAMPLES,
     SERVER_ROUND,
+    TRAINED_FACTORS,
     TRANSPORT,
     ParsedReply,
     lora_settings,
@@ -317,7 +318,7 @@ class FlexLoRAStrategy(Strategy):
         spec = self.ranks.of(node)
         tensors = state_dict_from_factors(self.method.share_for(self.state, spec))
         conf = ConfigRecord(dict(config))
-        conf.update({SERVER_ROUND: server_round, LORA_CONFIG: json.dumps(spec_to_lora_settings(spec), sort_keys=True), TRANSPORT: self.config.transport})
+        conf.update({SERVER_ROUND: server_round, TRAINED_FACTORS: ",".join(self.method.trained_factors(server_round)), LORA_CONFIG: json.dumps(spec_to_lora_settings(spec), sort_keys=True), TRANSPORT: self.config.transport})
         msg = Message(RecordDict({ARRAYS: tensors_to_arrays(tensors, self.config.transport), CONFIG: conf}), dst_node_id=node, message_type=message_type)
         entry = self.traffic.message(rec, node, "down", msg)
         entry["ranks_down"] = rank_summary(spec)

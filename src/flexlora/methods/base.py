@@ -9,6 +9,7 @@ for zero-padded states it is HetLoRA's truncation. A method overrides only what 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
@@ -41,8 +42,8 @@ class AggregationMethod(ABC):
     """Aggregate heterogeneous-rank LoRA updates; share the result back at each client's ranks.
 
     The server side is :meth:`aggregate` and :meth:`share_for`. The client side is a set of hooks
-    with neutral defaults, so a runner never asks which method it runs: :meth:`local_training`
-    (what local training trains and freezes), :meth:`local_penalty` (an extra loss term),
+    with neutral defaults, so a runner never asks which method it runs: :meth:`trained_factors` and
+    :meth:`local_training` (which factors local training trains in a round, and its other settings), :meth:`local_penalty` (an extra loss term),
     :meth:`after_local_training` (e.g. rank self-pruning) and :meth:`cap_spec` (ranks a client's
     persistent state allows). A method that merges its update into the base weights returns a state
     with ``base_delta`` set. ``client_options`` names the ``train.*`` settings only this method reads.
@@ -109,8 +110,8 @@ class AggregationMethod(ABC):
                 if name in first and s.rank != first[name].rank:
                     raise UpdateError(
                         f"{self.name} needs every client at the same rank per module, but module {name!r} has rank "
-                        f"{first[name].rank} for {names[0]} and {s.rank} for {names[i]}; use flexlora, hetlora or "
-                        f"rank_partition for heterogeneous ranks"
+                        f"{first[name].rank} for {names[0]} and {s.rank} for {names[i]}; use flexlora, hetlora, "
+                        f"rank_partition or rolora for heterogeneous ranks"
                     )
 
     def initial_state(self, shapes: Mapping[str, tuple[int, int]], round: int = 0) -> ServerState:
@@ -121,22 +122,33 @@ class AggregationMethod(ABC):
         }
         return ServerState(method=self.name, round=round, adapter=empty, info={"seed": self.seed})
 
-    def add_factor_noise(self, state: ServerState, std: float, generator: torch.Generator) -> ServerState:
+    def add_factor_noise(self, state: ServerState, std: float, generator: torch.Generator, factors: Sequence[str] | None = None) -> ServerState:
         """DP for a "factors" method: Gaussian noise of ``std`` on every entry of the released factors
-        (``B`` holds the effective ``s * B``). Noise is drawn on the CPU so it does not depend on the device."""
+        (``factors``, default ``dp_noised_factors``; ``B`` holds the effective ``s * B``). Noise is drawn
+        on the CPU so it does not depend on the device."""
         for name in sorted(state.adapter):
             gm = state.adapter[name]
             noisy = {f: getattr(gm, f) for f in ("A", "B")}
-            for f in self.dp_noised_factors:
+            for f in self.dp_noised_factors if factors is None else factors:
                 t = noisy[f]
                 noisy[f] = t + std * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype)
             state.adapter[name] = GlobalModule(A=noisy["A"], B=noisy["B"], spectrum=gm.spectrum)
         return state
 
     # -- the client side -----------------------------------------------------------------------------
-    def local_training(self, train: Any) -> Any:
-        """The local-training settings (a ``TrainConfig``) this method needs; the default changes nothing."""
-        return train
+    def trained_factors(self, round: int) -> tuple[str, ...]:
+        """The LoRA factors clients train in ``round`` (1-based); the others stay as their share gave
+        them. Runners pass it on to clients that train themselves (the Strategy's ``"trained-factors"``)."""
+        return ("A", "B")
+
+    def local_training(self, train: Any, round: int = 1) -> Any:
+        """The local-training settings (a ``TrainConfig``) this method needs in ``round``: a factor
+        :meth:`trained_factors` leaves out is frozen. Runners call it every round (before a client trains)."""
+        factors = self.trained_factors(round)  # a factor the user froze (train.freeze_A / freeze_B) stays frozen
+        freeze_A, freeze_B = train.freeze_A or "A" not in factors, train.freeze_B or "B" not in factors
+        if (freeze_A, freeze_B) == (train.freeze_A, train.freeze_B):
+            return train
+        return dataclasses.replace(train, freeze_A=freeze_A, freeze_B=freeze_B)
 
     def local_penalty(self, train: Any) -> LocalPenalty | None:
         """An extra loss term added at every local step, or None."""

@@ -10,7 +10,6 @@ the server's initial state) and therefore one rank per module; both are checked.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
@@ -28,9 +27,9 @@ class FFALoRA(AggregationMethod):
     dp_noised_factors = ("B",)  # A is the shared, data-independent init
     shares_text = "the shared frozen A and the weighted average of B, the same in every folder: every client continues training B only"
 
-    def local_training(self, train):
+    def trained_factors(self, round: int) -> tuple[str, ...]:
         """FFA-LoRA is defined by a frozen ``lora_A``: clients train B only."""
-        return dataclasses.replace(train, freeze_A=True)
+        return ("B",)
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)

@@ -4,8 +4,13 @@ Cho, Liu, Gupta, Joshi, Ahmed. "Heterogeneous LoRA for Federated Fine-tuning of 
 Foundation Models." EMNLP 2024, arXiv:2401.06432.
 
 Server: zero-pad every client's factors to the largest rank, and average them with
-"sparsity-weighted" weights proportional to the Frobenius norm of each client's update
-``||s_k B_k A_k||_F`` (per module; ``weighting`` also offers data size or their product).
+"sparsity-weighted" weights proportional to the Frobenius norm of each client's update.
+``weighting`` says which norm: ``"norm"`` (default) takes it per module, ``||s_k B_k A_k||_F``, so a
+client weighs more in the modules it changed more; ``"client"`` takes one norm per client over all
+its modules, ``sqrt(sum_m ||s_k B_k^m A_k^m||_F^2)``, the same weight in every module; ``"data"`` is
+data size alone; ``"norm_x_data"`` the product of per-module norm and data size. Public HetLoRA code
+does either ``"client"`` or ``"data"`` (the latter without self-pruning); the paper's text does not
+say per module or per client (README, "Conventions"). Results are comparable only under the same one.
 Distribution: a client of rank r takes the first r columns / rows of the padded average.
 Client: rank self-pruning adds ``lambda * ||B[:, q:]||_F * ||A[q:, :]||_F`` with
 ``q = floor(gamma * r)`` to the loss, and drops the tail when it has become small
@@ -26,7 +31,7 @@ from flexlora.lowrank import factored_fro_norm
 from flexlora.methods.base import AggregationMethod, LocalPenalty, scaled_factors, zero_pad
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ServerState
 
-Weighting = Literal["norm", "data", "norm_x_data"]
+Weighting = Literal["norm", "client", "data", "norm_x_data"]
 
 
 class HetLoRA(AggregationMethod):
@@ -41,17 +46,18 @@ class HetLoRA(AggregationMethod):
 
     def __init__(self, weighting: Weighting = "norm", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=dtype, seed=seed, device=device)
-        if weighting not in ("norm", "data", "norm_x_data"):
-            raise ValueError(f"weighting must be 'norm', 'data' or 'norm_x_data', got {weighting!r}")
+        if weighting not in ("norm", "client", "data", "norm_x_data"):
+            raise ValueError(f"weighting must be 'norm', 'client', 'data' or 'norm_x_data', got {weighting!r}")
         self.weighting = weighting
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p_data = self._prepare(updates, weights)
         adapter: dict[str, GlobalModule] = {}
         module_weights: dict[str, list[float]] = {}
+        client_weights = self._client_weights(updates, p_data) if self.weighting == "client" else None
         for name in updates[0].modules:
             pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
-            w = self._weights([factored_fro_norm(B, A) for B, A in pairs], p_data)
+            w = client_weights or self._weights([factored_fro_norm(B, A) for B, A in pairs], p_data)
             r_max = max(A.shape[0] for _, A in pairs)
             B = sum(wk * zero_pad(sB, r_max, dim=1) for wk, (sB, _) in zip(w, pairs))
             A = sum(wk * zero_pad(A, r_max, dim=0) for wk, (_, A) in zip(w, pairs))
@@ -61,7 +67,7 @@ class HetLoRA(AggregationMethod):
 
     @property
     def uses_weights(self) -> bool:
-        return self.weighting != "norm"
+        return self.weighting in ("data", "norm_x_data")  # "norm" and "client" weigh by update norms alone
 
     # -- the client side ---------------------------------------------------------------------------
     def local_penalty(self, train) -> LocalPenalty | None:
@@ -96,10 +102,18 @@ class HetLoRA(AggregationMethod):
             return spec
         return {n: replace(s, rank=min(s.rank, ranks.get(n, s.rank))) for n, s in spec.items()}
 
+    def _client_weights(self, updates: Sequence[ClientUpdate], p_data: list[float]) -> list[float]:
+        """``weighting = "client"``: one norm per client, of its whole update over all modules."""
+        norms = [
+            math.sqrt(sum(factored_fro_norm(*scaled_factors(u, name, self.dtype, self.device)) ** 2 for name in u.modules))
+            for u in updates
+        ]
+        return self._weights(norms, p_data)
+
     def _weights(self, norms: list[float], p_data: list[float]) -> list[float]:
         if self.weighting == "data":
             return list(p_data)
-        raw = norms if self.weighting == "norm" else [n * p for n, p in zip(norms, p_data)]
+        raw = [n * p for n, p in zip(norms, p_data)] if self.weighting == "norm_x_data" else norms
         total = sum(raw)
         if total <= 0 or not math.isfinite(total):  # every update is zero at this module: fall back to data size
             return list(p_data)

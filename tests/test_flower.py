@@ -186,6 +186,7 @@ def test_each_node_gets_its_own_ranks_and_bytes_are_counted(pair):
         ("rank_partition", []),
         ("fedavg", ['resources.distribution="homo"']),
         ("ffa", ['resources.distribution="homo"']),
+        ("rolora", []),  # round 1 trains B, round 2 A: the round reaches the nodes' local training
         # central DP: Poisson sampling, clipping and seeded noise come out the same on both runners
         ("flexlora", ["privacy.clip_norm=0.5", "privacy.noise_multiplier=1.0"]),
         ("fedavg", ['resources.distribution="homo"', "privacy.clip_norm=0.5", "privacy.noise_multiplier=1.0"]),

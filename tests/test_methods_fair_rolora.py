@@ -216,3 +216,18 @@ def test_bad_method_options_are_one_line_in_aggregate_run_and_compare(tmp_path, 
     base["compare"] = [{"label": "ok", "federation": {"aggregation": "fedavg"}}, {"label": "bad", "federation": {"aggregation": "florist", "method_options": {"threshold": "x"}}}]
     with pytest.raises(ConfigError, match="option threshold must be a finite number"):
         expand_runs(base)
+
+
+def test_rolora_outside_a_run_finds_the_shared_factor():
+    g = torch.Generator().manual_seed(6)
+    A, B = torch.randn(3, 6, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
+    trained_B = [ClientUpdate(f"c{i}", 10 + i, {"m": LoraFactors(A.clone(), torch.randn(4, 3, generator=g, dtype=F64), 1.0)}) for i in range(2)]
+    trained_A = [ClientUpdate(f"c{i}", 10 + i, {"m": LoraFactors(torch.randn(3, 6, generator=g, dtype=F64), B.clone(), 1.0)}) for i in range(2)]
+    for ups, trained in ((trained_B, "B"), (trained_A, "A")):
+        state = RoLoRA(dtype=F64).aggregate(ups)  # round 0: `flexlora aggregate`
+        assert state.info["trained"] == trained
+        dW = exact_average(ups, "m", data_weights(ups))
+        torch.testing.assert_close(state.adapter["m"].delta(), dW)
+    mixed = [trained_B[0], trained_A[1]]
+    with pytest.raises(UpdateError, match="share neither lora_A nor lora_B"):
+        RoLoRA().aggregate(mixed)

@@ -68,7 +68,7 @@ class RoLoRA(AggregationMethod):
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p = self._prepare(updates, weights)
-        trained = self.trained_factor(round)
+        trained = self.trained_factor(round) if round > 0 else self._shared_one(updates)
         adapter: dict[str, GlobalModule] = {}
         for name in updates[0].modules:
             pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
@@ -88,6 +88,24 @@ class RoLoRA(AggregationMethod):
     def add_factor_noise(self, state: ServerState, std: float, generator: torch.Generator, factors: Sequence[str] | None = None) -> ServerState:
         """DP: noise on the round's trained factor only; the frozen one came from the server unchanged."""
         return super().add_factor_noise(state, std, generator, factors=(self.trained_factor(state.round),) if factors is None else factors)
+
+    def _shared_one(self, updates: Sequence[ClientUpdate]) -> Factor:
+        """Outside a run (``round = 0``, e.g. ``flexlora aggregate``): the factor every input shares is the
+        frozen one, so the other was trained; inputs that share neither are refused."""
+        for trained, frozen, rows in (("B", "A", True), ("A", "B", False)):
+            try:
+                for name in updates[0].modules:
+                    pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
+                    parts = [a if rows else b for b, a in pairs]
+                    widest = max(parts, key=lambda t: t.shape[0] if rows else t.shape[1])
+                    self._check_frozen(updates, name, frozen, parts, widest, rows=rows)
+            except UpdateError:
+                continue
+            return trained  # type: ignore[return-value]
+        raise UpdateError(
+            "rolora: the inputs share neither lora_A nor lora_B (up to each one's rank); RoLoRA averages "
+            "adapters that trained one factor from the same other factor"
+        )
 
     def _check_frozen(self, updates: Sequence[ClientUpdate], name: str, factor: str, parts: list[Tensor], reference: Tensor, rows: bool) -> None:
         scale = float(reference.abs().max()) if reference.numel() else 0.0

@@ -43,8 +43,8 @@ class AggregationMethod(ABC):
 
     The server side is :meth:`aggregate` and :meth:`share_for`. The client side is a set of hooks
     with neutral defaults, so a runner never asks which method it runs: :meth:`trained_factors` and
-    :meth:`local_training` (which factors local training trains in a round, and its other settings), :meth:`local_penalty` (an extra loss term),
-    :meth:`after_local_training` (e.g. rank self-pruning) and :meth:`cap_spec` (ranks a client's
+    :meth:`local_training` (which factors local training trains in a round, and its other settings),
+    :meth:`local_penalty` (an extra loss term), :meth:`after_local_training` (e.g. rank self-pruning) and :meth:`cap_spec` (ranks a client's
     persistent state allows). A method that merges its update into the base weights returns a state
     with ``base_delta`` set. ``client_options`` names the ``train.*`` settings only this method reads.
     """

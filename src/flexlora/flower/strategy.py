@@ -379,7 +379,7 @@ def build_method(config: StrategyConfig) -> AggregationMethod:
     if method.merges_into_base:
         raise ValueError(
             f"method {config.method!r} merges its update into the clients' base weights, which a plain PEFT client does not do; "
-            "use flexlora, fedavg, hetlora, ffa or rank_partition with this strategy"
+            "use flexlora, fedavg, hetlora, ffa, rank_partition, lora_fair or rolora with this strategy"
         )
     return method
 

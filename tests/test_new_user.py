@@ -32,7 +32,7 @@ def _delta(path, name=LAYER):
 
 
 def test_every_method_says_what_its_per_input_folders_hold():
-    existing = ["flexlora", "fedavg", "hetlora", "flora", "ffa", "rank_partition", "florist", "fedex"]
+    existing = ["flexlora", "fedavg", "hetlora", "flora", "ffa", "rank_partition", "florist", "fedex", "lora_fair", "rolora"]
     texts = [METHODS[m].shares_text for m in existing]
     assert all("shares_text" in vars(METHODS[m]) for m in existing)  # each its own words, not the default
     assert len(set(texts)) == len(texts)

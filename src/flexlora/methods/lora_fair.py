@@ -60,6 +60,10 @@ class LoRAFAIR(FedAvg):
     paper = "Bian et al., ICCV 2025 (arXiv:2411.14961)"
     dp_release = None  # the correction is fitted to every client's own product
     dp_note = "its correction is fitted to every client's own product B_k A_k, which noise on the averaged factors does not cover"
+    shares_text = (
+        "the weighted average of the inputs' A and their averaged scaled B plus LoRA-FAIR's correction, the same adapter "
+        "in every folder: what every client continues from (closer to the weighted sum of the inputs' products than FedIT's average)"
+    )
 
     def __init__(self, regularization: float = 0.01, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=dtype, seed=seed, device=device)

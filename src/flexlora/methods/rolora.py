@@ -51,6 +51,10 @@ class RoLoRA(AggregationMethod):
     paper = "Chen et al., NeurIPS 2025 (arXiv:2502.01755)"
     exact_aggregate = True  # one factor frozen and shared: the average of the other is the average of the products
     dp_release = "factors"  # the averaged trained factor is the release (noise goes on it only)
+    shares_text = (
+        "the factor the inputs shared (kept) and the weighted, zero-padded average of the one they trained, at each input's "
+        "ranks: what that input's client continues from, training the other factor next round"
+    )
 
     def __init__(self, first: Factor = "B", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__(dtype=dtype, seed=seed, device=device)

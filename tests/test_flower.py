@@ -16,6 +16,7 @@ pytest.importorskip("flwr")
 from flwr.app import Context, RecordDict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from flexlora.cli import main as cli_main  # noqa: E402
 from flexlora.config import ConfigError, load_config  # noqa: E402
 from flexlora.flower import (  # noqa: E402
     FlowerRunError,
@@ -260,7 +261,7 @@ def test_a_round_without_enough_replies_is_retried(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
-def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path):
+def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path, capsys):
     def fault(node, msg):  # node 100 is gone from round 2 on
         return "timeout" if msg.metadata.message_type == "train" and node == 100 and msg.metadata.group_id != "1" else None
 
@@ -268,7 +269,9 @@ def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_pa
     with pytest.raises(FlowerRunError, match=r"round 2: only 2 of 3 selected node\(s\) replied in 2 attempt\(s\), fewer than min-clients=3.*state of round 1"):
         _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), fault=fault, **{"min-clients": 3, "round-retries": 1, "round-timeout": LOST_REPLY_TIMEOUT})
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["last_good_round"] == 1 and "min-clients=3" in summary["error"]
+    assert summary["status"] == "stopped" and summary["last_good_round"] == 1 and "min-clients=3" in summary["reason"]
+    # what an operator's script checks after `flwr run --stream` (which exits 0 either way)
+    assert cli_main(["status", str(out)]) == 1 and "stopped (last good round 1): round 2: only 2 of 3" in capsys.readouterr().out
     assert [r["round"] for r in _metrics(out)] == [1]
     # the adapters written are round 1's: the same as a 1-round simulator run
     _simulate(tmp_path / "sim1", BASE + FAST + ["federation.rounds=1"])
@@ -276,6 +279,7 @@ def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_pa
     # the node is back: resuming from the kept state finishes the run as if nothing had happened
     _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), resume=True, **{"min-clients": 3})
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert cli_main(["status", str(out)]) == 0 and capsys.readouterr().out.startswith("completed: 2 round(s)")
     _simulate(tmp_path / "sim2", BASE + FAST)
     _same_adapters(tmp_path / "sim2" / "final", out / "final")
 
@@ -394,6 +398,23 @@ def test_loopback_deployment(tmp_path, mode):
     assert report["ok"] and report["adapter_diff"]["max_rel_update_diff"] <= 1e-6
     if mode == "tls":
         assert report["checks"]["unregistered_node_refused"]
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_round_is_named_unavailable_and_served_again_once_restarted(tmp_path):
+    """On a real SuperLink: the node of client 0 is SIGKILLed 3 s into round 2 and restarted 10 s
+    later with the same command (a new Flower node id). Round 2 records it as unavailable with
+    Flower's reason (when its heartbeat lapses, up to 60 s), round 3 serves it again, and no
+    process is left over. (The campaign's ``node-restarted`` scenario, benchmarks/flower_faults.py.)"""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "flower_faults.py"), "--work", str(tmp_path), "--scenario", "node-restarted"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    row = json.loads((tmp_path / "node-restarted.json").read_text())
+    assert "error" not in row and row["status"] == "completed" and row["status_cli"]["exit"] == 0, row
+    assert row["statuses"]["2"]["0"] == "unavailable" and "Node Unavailable" in row["drops"]["2"]["0"][0], row["drops"]
+    assert row["statuses"]["3"] == {"0": "ok", "1": "ok", "2": "ok"} and row["node_ids"]["3"]["0"] != row["node_ids"]["1"]["0"]
+    assert row["rejoined"]["0"][0]["round"] == 3 and any("client 0" in line and "Node Unavailable" in line for line in row["log_drop_lines"])
+    assert row["processes_left_over"] == []
 
 
 def test_one_engine_plans_both_runners_rounds_and_counts_what_a_node_downloads(tmp_path):

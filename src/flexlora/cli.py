@@ -1,4 +1,4 @@
-"""The ``flexlora`` command: run | compare | aggregate | eval.
+"""The ``flexlora`` command: run | compare | aggregate | eval | status.
 
 Errors in what the user gave (bad config, bad adapter, bad data) print one line naming the
 problem and exit with code 2; nothing already saved is touched.
@@ -227,6 +227,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from flexlora.flower.server import run_status
+
+    code, line = run_status(args.run)
+    print(line)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (sets model.device)")
     ev.set_defaults(func=cmd_eval)
+
+    st = sub.add_parser("status", help="did a run complete? one line; exit 0 completed, 1 stopped or unfinished (check it after `flwr run`)")
+    st.add_argument("run", help="run folder (the Flower App's `out`, or a `flexlora run --out` folder)")
+    st.set_defaults(func=cmd_status)
     return parser
 
 

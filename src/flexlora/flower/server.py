@@ -155,8 +155,8 @@ class FlowerServer:
             LOG.info("flexlora: node %s = client %d, type %s, %d examples", self.node_of[cid], cid, self.sim.fed.types[cid], p.num_examples)
 
     def _query(self, nodes: list[int]) -> dict[int, NodeProfile]:
-        """Ask ``nodes`` who they are; returns the profiles of those that answered well. A node that
-        answered (well or not) is not asked again; one that did not answer is asked next time."""
+        """Ask ``nodes`` who they are; returns the profiles of those that answered well. A node is
+        asked once (a node that does not answer within ``node-wait-timeout`` is not waited for again)."""
         app = _flwr()
         s = self.settings
         msgs = [
@@ -174,10 +174,10 @@ class FlowerServer:
         for m in msgs:
             n, got = m.metadata.dst_node_id, replies.get(m.metadata.dst_node_id)
             r = got[0] if got else None
-            if r is None:
-                LOG.warning("flexlora: node %s did not answer the query in time; it is not part of this run (yet)", n)
-                continue
             self.queried.add(n)
+            if r is None:
+                LOG.warning("flexlora: node %s did not answer the query within %gs; it is not part of this run", n, s.node_wait_timeout)
+                continue
             if r.has_error():
                 LOG.warning("flexlora: node %s answered the query with an error (%s); it is not part of this run", n, r.error.reason)
                 continue
@@ -217,11 +217,13 @@ class FlowerServer:
         """Push ``messages`` and pull their replies until all came or ``timeout`` passed. Replies
         are paired with messages by the message they answer (an error the SuperLink sends for an
         unavailable node carries the SuperLink's id as its sender, not the node's). Returns, per
-        destination node, the reply and the seconds after which it arrived."""
+        destination node, the reply and the seconds after which it arrived ((None, 0.0): the
+        SuperLink did not accept the message)."""
         t0 = time.monotonic()
         ids = list(self.grid.push_messages(messages))
         by_id = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
-        got: dict[int, tuple[Any, float]] = {}
+        # a message the SuperLink did not accept (its node left the federation since the last look): no reply, at once
+        got: dict[int, tuple[Any, float]] = {m.metadata.dst_node_id: (None, 0.0) for mid, m in zip(ids, messages) if not mid}
         pending = set(by_id)
         deadline = t0 + timeout
         while pending:
@@ -334,6 +336,9 @@ class FlowerServer:
             if cid in gone:
                 outcome.dropped[cid] = [f"node unavailable: node {node} is not connected (not sent; a restarted node is served again once it is back)"]
                 entry["status"] = ClientStatus.UNAVAILABLE
+            elif reply is None and seconds is not None:
+                outcome.dropped[cid] = [f"node unavailable: the SuperLink did not accept the message for node {node} (it left the federation)"]
+                entry["status"] = ClientStatus.UNAVAILABLE
             elif reply is None:
                 outcome.dropped[cid] = [f"missed the round timeout ({s.round_timeout:g}s)"]
                 entry["status"] = ClientStatus.TIMEOUT
@@ -434,6 +439,25 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     from flexlora.fsutil import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def run_status(folder: str | Path) -> tuple[int, str]:
+    """What a run folder's ``summary.json`` says, as an exit code (0 completed, 1 anything else) and
+    one line: what an operator's script checks after `flwr run --stream`, which exits 0 either way."""
+    path = Path(folder) / SUMMARY
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such run folder")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return 1, f"{folder}: no {SUMMARY} (the run is still going, or ended without writing one: see `flwr log`)"
+    except ValueError as e:
+        return 1, f"{path}: unreadable ({e})"
+    status = summary.get("status", "completed")  # the simulator's summaries carry no status: they exist only when complete
+    if status == "completed":
+        return 0, f"completed: {summary.get('rounds')} round(s), {summary.get('dropped_updates', 0)} dropped update(s); final adapters in {summary.get('final_adapters')}"
+    reason = summary.get("reason") or summary.get("error") or "no reason recorded"
+    return 1, f"{status} (last good round {summary.get('last_good_round', '?')}): {reason}"
 
 
 def server_main(grid, context: "Context") -> dict[str, Any]:

@@ -24,6 +24,7 @@ resumable: each ``--scenario`` writes its own JSON under ``--work``; ``--table``
 benchmarks/results/flower_faults.json and .md.
 
     python benchmarks/flower_faults.py --work /tmp/ff --scenario baseline   # one scenario (1-3 min)
+    python benchmarks/flower_faults.py --work /tmp/ff --remaining --budget 240   # the rest, in parts
     python benchmarks/flower_faults.py --work /tmp/ff --table               # the outcome table
 """
 
@@ -87,9 +88,10 @@ def leftovers(sessions: set[int]) -> list[str]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and _session(int(entry)) in sessions and LB._alive(int(entry)):
             try:
-                out.append(f"{entry}: {Path(f'/proc/{entry}/cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
+            out.append(f"{entry}: {cmdline[:120]}")
     return out
 
 
@@ -201,7 +203,7 @@ class Deployment:
     def flwr_ls(self) -> list[dict]:
         r = subprocess.run([str(LB.BIN / "flwr"), "ls", "loopback", "--format", "json"], env=self.cli_env, capture_output=True, text=True, timeout=60)
         try:
-            return [{k: v for k, v in run.items() if k in ("run-id", "status", "elapsed")} for run in json.loads(r.stdout).get("runs", [])]
+            return list(json.loads(r.stdout).get("runs", []))
         except (ValueError, AttributeError):
             return [{"unparsed": (r.stdout + r.stderr)[-300:]}]
 
@@ -357,13 +359,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="working folder (kept: the campaign resumes from it)")
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, default=[])
+    parser.add_argument("--remaining", action="store_true", help="every scenario without a result in --work yet, in order")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="start no scenario after this many seconds (resume with --remaining)")
     parser.add_argument("--table", action="store_true", help="gather the scenarios run so far into benchmarks/results/flower_faults.{json,md}")
     args = parser.parse_args(argv)
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("HF_HUB_OFFLINE", "1")):
         os.environ.setdefault(key, value)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    for name in args.scenario:
+    names = list(args.scenario) + ([s for s in SCENARIOS if not (work / f"{s}.json").exists() and s not in args.scenario] if args.remaining else [])
+    t0 = time.monotonic()
+    for name in names:
+        if time.monotonic() - t0 > args.budget:
+            print(f"budget spent: {name} and later left for the next --remaining", flush=True)
+            break
         row = scenario(name, work)
         write_json(work / f"{name}.json", row)
         print(json.dumps(row, indent=2))

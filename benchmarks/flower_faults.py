@@ -246,7 +246,7 @@ def scenario(name: str, work: Path) -> dict:
         rc = run_config(out, min_clients=3 if name == "too-few-nodes" else 1, failures=name == "garbage")
         proc = dep.flwr_run(rc, "1")
         if name in ("node-killed", "node-restarted", "superlink-restart", "too-few-nodes"):
-            wait_until(lambda: len(metrics(out)) >= 1 or proc.poll() is not None, 400, "round 1")
+            wait_until(lambda: any(r["round"] >= 1 for r in metrics(out)) or proc.poll() is not None, 400, "round 1")  # round 0: the evaluation at start
             time.sleep(3.0)  # round 2's messages are out
             if name == "superlink-restart":
                 kill_hard(dep.procs, "superlink")
@@ -306,7 +306,7 @@ def scenario(name: str, work: Path) -> dict:
     row["round_seconds"] = {r["round"]: round(r["flower"]["round_seconds"], 1) for r in recs if "flower" in r}
     row["rejoined"] = {cid: n["rejoined"] for cid, n in summary.get("nodes", {}).items() if "rejoined" in n}
     row["status_cli"] = dict(zip(("exit", "line"), status_cli(out)))
-    row["log_drop_lines"] = [line.strip()[-220:] for line in _server_log(folder).splitlines() if "left out:" in line]
+    row["log_drop_lines"] = [line.strip()[-220:] for line in _server_log(folder).splitlines() if "left out:" in line and "flwr.flexlora:" in line]
     against = ref / "final"
     if name in ("superlink-restart",) and (work / "baseline" / "run" / "final").is_dir():
         against = work / "baseline" / "run" / "final"

@@ -327,10 +327,11 @@ def _server_log(folder: Path) -> str:
 
 # -- the table ------------------------------------------------------------------------------------
 def table(work: Path) -> None:
-    rows = [json.loads((work / f"{s}.json").read_text()) for s in SCENARIOS if (work / f"{s}.json").exists()]
+    # no machine paths in the committed results: the working folder becomes <work>
+    rows = [json.loads((work / f"{s}.json").read_text().replace(str(work), "<work>")) for s in SCENARIOS if (work / f"{s}.json").exists()]
     result = {"environment": environment(), "config": {"config": "configs/smoke.toml", "overrides": OVERRIDES, "round_timeout": ROUND_TIMEOUT}, "scenarios": rows}
-    for r in rows:
-        r.pop("work", None)
+    result["environment"]["command"] = result["environment"]["command"].replace(str(work), "<work>")
+    result["environment"]["note"] = "loadavg_at_start is the load when the table was written; the scenarios ran under the shared CPU lock, one at a time"
     write_json(RESULTS_DIR / "flower_faults.json", result)
     lines = [
         "# Flower deployment under faults (benchmarks/flower_faults.py)",
@@ -347,6 +348,9 @@ def table(work: Path) -> None:
         final = ("identical" if cmp_.get("identical") else f"differs ({len(cmp_.get('differing_files', []))} of {cmp_.get('files')} files)") + f" ({r.get('final_vs')})"
         status = f"{r.get('status')} ({r.get('status_cli', {}).get('exit')})"
         lines.append(f"| {r['scenario']} | {status} | {r.get('rounds_completed')} | {drops} | {final} | {len(r.get('processes_left_over', []))} | {r.get('seconds')} |")
+    lines += ["", "Events (seconds from the start of the scenario):", ""]
+    for r in rows:
+        lines.append(f"- {r['scenario']}: " + "; ".join(e.strip() for e in r.get("events", [])) + (f" (note: {r['note']})" if r.get("note") else ""))
     extra = [r for r in rows if "supernode_exit_codes_after_superlink_restart" in r]
     for r in extra:
         lines += ["", f"After the SuperLink restart the SuperNodes exited with {r['supernode_exit_codes_after_superlink_restart']} (None: still running)."]

@@ -8,14 +8,13 @@ import random
 
 import torch
 
+from flexlora.seeds import derived_seed
 from flexlora.update import ClientUpdate, LoraFactors
 
 
 def client_failure(seed: int, f, rnd: int, client_id: int | str) -> tuple[str | None, random.Random]:
     """The failure injected into one client's round and the generator that shapes it, seeded by
     (run seed, round, client): the simulator and a Flower node of that client draw the same."""
-    from flexlora.rounds import derived_seed
-
     rng = random.Random(derived_seed(seed, "failures", rnd, client_id))
     return draw_failure(rng, f), rng
 

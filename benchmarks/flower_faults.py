@@ -77,7 +77,7 @@ def kill_hard(procs, name: str) -> None:
 
 def _session(pid: int) -> int | None:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[4])
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])  # state ppid pgrp session
     except (OSError, ValueError, IndexError):
         return None
 
@@ -272,7 +272,10 @@ def scenario(name: str, work: Path) -> dict:
                 event(f"SuperNode exit codes: {codes}")
                 for c in sorted(types):  # the supervisor: restart whatever exited, whatever its code
                     if dep.procs.procs[f"node{c}"].poll() is not None:
-                        dep.procs.procs.pop(f"node{c}")
+                        old = dep.procs.procs.pop(f"node{c}")
+                        # and stop what it leaves behind (a ClientApp process outlives its SuperNode), as
+                        # systemd's KillMode=control-group does
+                        LB._signal_group(old.pid, signal.SIGKILL)
                         dep.start_node(c)
                 event("exited SuperNodes restarted (supervisor)")
                 proc = dep.flwr_run(run_config(out, resume=True), "2")
@@ -351,6 +354,8 @@ def table(work: Path) -> None:
     lines += ["", "Events (seconds from the start of the scenario):", ""]
     for r in rows:
         lines.append(f"- {r['scenario']}: " + "; ".join(e.strip() for e in r.get("events", [])) + (f" (note: {r['note']})" if r.get("note") else ""))
+    notes = sorted({r["processes_left_over_note"] for r in rows if r.get("processes_left_over_note")})
+    lines += [""] + [f"Processes left over: {n}." for n in notes]
     extra = [r for r in rows if "supernode_exit_codes_after_superlink_restart" in r]
     for r in extra:
         lines += ["", f"After the SuperLink restart the SuperNodes exited with {r['supernode_exit_codes_after_superlink_restart']} (None: still running)."]

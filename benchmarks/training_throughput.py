@@ -28,7 +28,6 @@ import gzip
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time

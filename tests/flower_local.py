@@ -4,7 +4,12 @@
 ClientApp of its destination node, in this process, one after the other. Every message and
 reply goes through Flower's protobuf serialisation on the way (as over the wire), so payload
 encoding is exercised for real. Faults can be injected per node and round: an exception in the
-ClientApp (an error reply, as Flower's runtime sends one) or a lost reply (a missed timeout).
+ClientApp (an error reply, as Flower's runtime sends one), a lost reply (a missed timeout), or a
+node that dies on receiving the message (``"kill"``). A dead node (:meth:`LocalGrid.kill`) is no
+longer among the node ids and every message to it is answered as the SuperLink answers one for a
+node without heartbeat (Flower's own function: the SuperLink's id as sender, ``NODE_UNAVAILABLE``);
+:meth:`LocalGrid.join` connects a node (a restarted SuperNode comes back under a new node id).
+Messages have no TTL here: a node that sleeps past it (``failures.straggle``) sends an error reply.
 
 Used by the fast tests and by the overhead benchmark; needs flwr (``flexlora[flower]``).
 """
@@ -20,11 +25,12 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-Fault = Callable[[int, Message], "str | None"]  # (node id, message) -> None | "error" | "timeout"
+Fault = Callable[[int, Message], "str | None"]  # (node id, message) -> None | "error" | "timeout" | "kill"
 
 
 def _wire(message: Message) -> tuple[Message, int]:
@@ -45,6 +51,7 @@ class LocalGrid(Grid):
             int(n): Context(run_id=run_id, node_id=int(n), node_config=dict(c), state=RecordDict(), run_config=dict(run_config or {})) for n, c in node_configs.items()
         }
         self.fault = fault
+        self.dead: set[int] = set()
         # the identity Flower's runtime gives the ServerApp process (Message() reads it)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 0
         self._run = None
@@ -65,7 +72,14 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [n for n in self.contexts if n not in self.dead]
+
+    def kill(self, node: int) -> None:
+        self.dead.add(int(node))
+
+    def join(self, node: int, node_config: Mapping[str, Any]) -> None:
+        run_id = next(iter(self.contexts.values())).run_id if self.contexts else 1
+        self.contexts[int(node)] = Context(run_id=run_id, node_id=int(node), node_config=dict(node_config), state=RecordDict(), run_config={})
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -96,6 +110,13 @@ class LocalGrid(Grid):
         entry = {"node": node, "type": msg.metadata.message_type, "group": msg.metadata.group_id, "bytes_down": down, "bytes_up": 0}
         self.log.append(entry)
         fault = self.fault(node, msg) if self.fault else None
+        if fault == "kill":
+            self.kill(node)
+        if node in self.dead:
+            entry["outcome"] = "unavailable"
+            reply = create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+            self._replies[msg.metadata.message_id] = _wire(reply)[0]
+            return
         if fault == "timeout":
             entry["outcome"] = "timeout"
             return

@@ -16,6 +16,7 @@ pytest.importorskip("flwr")
 from flwr.app import Context, RecordDict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from flexlora.cli import main as cli_main  # noqa: E402
 from flexlora.config import ConfigError, load_config  # noqa: E402
 from flexlora.flower import (  # noqa: E402
     FlowerRunError,
@@ -45,6 +46,7 @@ from flexlora_app import client_app, server_app  # noqa: E402
 # one torch thread: three "nodes" and the server share the cores (2 threads each thrash under load)
 BASE = ["data.suite_clients=3", "federation.clients_per_round=3", "model.threads=1"]
 FAST = ["eval.at_start=false", "eval.clients=0"]  # no evaluation where a test is about something else
+LOST_REPLY_TIMEOUT = 2.0  # round-timeout where a test loses a reply: the round waits this long for it
 
 
 pytestmark = pytest.mark.usefixtures("private_flwr_home", "restore_torch_threads")
@@ -69,8 +71,8 @@ def _simulate(out: Path, overrides):
     return dict(sim.fed.types)
 
 
-def _flower(out: Path, overrides, node_configs, fault=None, **run_config):
-    grid = LocalGrid(client_app.app, node_configs, fault=fault)
+def _flower(out: Path, overrides, node_configs, fault=None, grid=None, **run_config):
+    grid = grid or LocalGrid(client_app.app, node_configs, fault=fault)
     rc = {"config": SMOKE, "set": "; ".join(overrides), "out": str(out), "min-nodes": len(node_configs), **run_config}
     server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
     return grid
@@ -234,7 +236,7 @@ def test_a_node_that_errors_or_times_out_is_left_out_and_the_round_proceeds(tmp_
             return {100: "error", 101: "timeout"}.get(node)
         return None
 
-    _flower(tmp_path / "run", overrides, _nodes(types), fault=fault, **{"min-clients": 1})
+    _flower(tmp_path / "run", overrides, _nodes(types), fault=fault, **{"min-clients": 1, "round-timeout": LOST_REPLY_TIMEOUT})
     r1, r2 = [r for r in _metrics(tmp_path / "run") if r["round"] > 0]
     status = {c["id"]: c["status"] for c in r1["clients"]}
     assert status == {0: "error", 1: "timeout", 2: "ok"}
@@ -260,15 +262,17 @@ def test_a_round_without_enough_replies_is_retried(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
-def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path):
+def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_path, capsys):
     def fault(node, msg):  # node 100 is gone from round 2 on
         return "timeout" if msg.metadata.message_type == "train" and node == 100 and msg.metadata.group_id != "1" else None
 
     out = tmp_path / "run"
     with pytest.raises(FlowerRunError, match=r"round 2: only 2 of 3 selected node\(s\) replied in 2 attempt\(s\), fewer than min-clients=3.*state of round 1"):
-        _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), fault=fault, **{"min-clients": 3, "round-retries": 1})
+        _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), fault=fault, **{"min-clients": 3, "round-retries": 1, "round-timeout": LOST_REPLY_TIMEOUT})
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["last_good_round"] == 1 and "min-clients=3" in summary["error"]
+    assert summary["status"] == "stopped" and summary["last_good_round"] == 1 and "min-clients=3" in summary["reason"]
+    # what an operator's script checks after `flwr run --stream` (which exits 0 either way)
+    assert cli_main(["status", str(out)]) == 1 and "stopped (last good round 1): round 2: only 2 of 3" in capsys.readouterr().out
     assert [r["round"] for r in _metrics(out)] == [1]
     # the adapters written are round 1's: the same as a 1-round simulator run
     _simulate(tmp_path / "sim1", BASE + FAST + ["federation.rounds=1"])
@@ -276,8 +280,92 @@ def test_the_run_stops_with_a_clear_message_and_keeps_the_last_good_state(tmp_pa
     # the node is back: resuming from the kept state finishes the run as if nothing had happened
     _flower(out, BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), resume=True, **{"min-clients": 3})
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert cli_main(["status", str(out)]) == 0 and capsys.readouterr().out.startswith("completed: 2 round(s)")
     _simulate(tmp_path / "sim2", BASE + FAST)
     _same_adapters(tmp_path / "sim2" / "final", out / "final")
+
+
+def test_a_node_that_dies_mid_round_is_recorded_as_unavailable_not_as_a_timeout(tmp_path):
+    """Flower answers a message to a node without heartbeat itself, with the SuperLink's id as the
+    sender: the reply is matched to its client by the message it answers, at once."""
+    def fault(node, msg):
+        return "kill" if msg.metadata.message_type == "train" and node == 100 else None
+
+    _flower(tmp_path / "run", BASE + FAST, _nodes({0: "type3", 1: "type2", 2: "type1"}), fault=fault, **{"min-clients": 1})  # round-timeout 600 s
+    r1, r2 = [r for r in _metrics(tmp_path / "run") if r["round"] > 0]
+    assert [c["status"] for c in r1["clients"]] == ["unavailable", "ok", "ok"]
+    assert r1["dropped"]["0"][0].startswith("node unavailable after") and "Node Unavailable" in r1["dropped"]["0"][0]
+    assert r1["flower"]["nodes"]["0"]["reply_seconds"] < 60
+    # round 2: the node is gone from the grid's node ids, so nothing is sent to it
+    assert r2["clients"][0]["status"] == "unavailable" and "is not connected" in r2["dropped"]["0"][0] and r2["flower"]["nodes"]["0"]["bytes_received"] == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_restarted_node_is_served_again_and_its_client_keeps_its_state(tmp_path):
+    """Node 100 (client 0) dies in round 3 and comes back as node 200 with the same --node-config:
+    in round 4 it trains at client 0's ranks as HetLoRA pruned them in round 2, exactly as if the
+    node had only failed round 3 (the server keeps a client's state by client id, not node id)."""
+    overrides = BASE + FAST + ['federation.aggregation="hetlora"', "train.hetlora_lambda=0.1", "train.hetlora_prune=true", "federation.rounds=4"]
+    nodes = _nodes({0: "type3", 1: "type2", 2: "type1"})
+    grid = LocalGrid(client_app.app, nodes)
+
+    def dies_and_restarts(node, msg):
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "3" and node == 100:
+            grid.join(200, nodes[100])  # restarted: a new node id, the same identity
+            return "kill"
+        return None
+
+    grid.fault = dies_and_restarts
+    _flower(tmp_path / "restart", overrides, nodes, grid=grid, **{"min-clients": 1})
+    _flower(tmp_path / "errored", overrides, nodes, fault=lambda n, m: "error" if m.metadata.message_type == "train" and m.metadata.group_id == "3" and n == 100 else None, **{"min-clients": 1})
+    recs, ref = _metrics(tmp_path / "restart"), _metrics(tmp_path / "errored")
+    assert recs[2]["clients"][0]["status"] == "unavailable" and ref[2]["clients"][0]["status"] == "error"
+    assert recs[3]["clients"][0]["status"] == "ok" and recs[3]["flower"]["nodes"]["0"]["node_id"] == 200
+    for rec in (recs[2], ref[2]):
+        rec["clients"][0].pop("status"), rec.pop("dropped")
+    assert _strip(recs) == _strip(ref)  # ranks (pruned ones included), losses, aggregation: the same
+    assert recs[3]["clients"][0]["ranks"]["q_proj"] < recs[0]["clients"][0]["ranks"]["q_proj"]  # client 0 pruned its ranks and kept them
+    _same_adapters(tmp_path / "restart" / "final", tmp_path / "errored" / "final")
+    summary = json.loads((tmp_path / "restart" / "summary.json").read_text())
+    assert summary["nodes"]["0"]["node_id"] == 200 and summary["nodes"]["0"]["rejoined"] == [{"round": 4, "node_id": 200, "previous_node_id": 100}]
+    assert [e["node"] for e in grid.log if e["type"] == "query"] == [100, 101, 102, 200]  # only the new node is asked who it is
+
+
+def test_a_node_that_comes_back_with_another_profile_is_not_served(tmp_path):
+    nodes = _nodes({0: "type3", 1: "type2", 2: "type1"})
+    grid = LocalGrid(client_app.app, nodes)
+
+    def fault(node, msg):
+        if msg.metadata.message_type == "train" and node == 100:
+            grid.join(200, {"partition-id": 0, "rank-type": "type1"})  # claims client 0 at other ranks
+            return "kill"
+        return None
+
+    grid.fault = fault
+    _flower(tmp_path / "run", BASE + FAST, nodes, grid=grid, **{"min-clients": 1})
+    r2 = _metrics(tmp_path / "run")[1]
+    assert r2["clients"][0]["status"] == "unavailable" and "rejoined" not in json.loads((tmp_path / "run" / "summary.json").read_text())["nodes"]["0"]
+
+
+@pytest.mark.parametrize("method", ["flexlora", "hetlora"])
+def test_failures_injected_by_the_nodes_equal_the_simulators(tmp_path, method):
+    """[failures] on Flower: each node draws its own failure from (seed, round, client), as the
+    simulator does, and applies it to its own reply; garbage is dropped by the server's screen."""
+    overrides = BASE + FAST + [f'federation.aggregation="{method}"', "federation.rounds=4", "failures.garbage=0.35", "failures.crash=0.2"]
+    types = _simulate(tmp_path / "sim", overrides)
+    _flower(tmp_path / "flower", overrides, _nodes(types), **{"min-clients": 1})
+    sim, fl = _metrics(tmp_path / "sim"), _metrics(tmp_path / "flower")
+    kinds = [c["status"] for r in sim for c in r["clients"]]
+    assert "crash" in kinds and "rejected" in kinds and "ok" in kinds  # the seed draws all three
+    for a, b in zip(sim, fl):
+        assert a["dropped"].keys() == b["dropped"].keys()
+        for ca, cb in zip(a["clients"], b["clients"]):
+            assert (ca["status"], cb["status"]) in (("crash", "error"), (ca["status"], ca["status"]))
+            if ca["status"] == "crash":
+                assert "crashed during local training (failure injection" in b["dropped"][str(cb["id"])][0]
+            elif ca["status"] == "rejected":
+                assert a["dropped"][str(ca["id"])] == b["dropped"][str(cb["id"])]
+    _same_adapters(tmp_path / "sim" / "final", tmp_path / "flower" / "final")
 
 
 def test_a_node_without_partition_id_is_left_out_of_the_federation(tmp_path):
@@ -311,6 +399,23 @@ def test_loopback_deployment(tmp_path, mode):
     assert report["ok"] and report["adapter_diff"]["max_rel_update_diff"] <= 1e-6
     if mode == "tls":
         assert report["checks"]["unregistered_node_refused"]
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_round_is_named_unavailable_and_served_again_once_restarted(tmp_path):
+    """On a real SuperLink: the node of client 0 is SIGKILLed 3 s into round 2 and restarted 10 s
+    later with the same command (a new Flower node id). Round 2 records it as unavailable with
+    Flower's reason (when its heartbeat lapses, up to 60 s), round 3 serves it again, and no
+    process is left over. (The campaign's ``node-restarted`` scenario, benchmarks/flower_faults.py.)"""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "flower_faults.py"), "--work", str(tmp_path), "--scenario", "node-restarted"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    row = json.loads((tmp_path / "node-restarted.json").read_text())
+    assert "error" not in row and row["status"] == "completed" and row["status_cli"]["exit"] == 0, row
+    assert row["statuses"]["2"]["0"] == "unavailable" and "Node Unavailable" in row["drops"]["2"]["0"][0], row["drops"]
+    assert row["statuses"]["3"] == {"0": "ok", "1": "ok", "2": "ok"} and row["node_ids"]["3"]["0"] != row["node_ids"]["1"]["0"]
+    assert row["rejoined"]["0"][0]["round"] == 3 and any("client 0" in line and "Node Unavailable" in line for line in row["log_drop_lines"])
+    assert row["processes_left_over"] == []
 
 
 def test_one_engine_plans_both_runners_rounds_and_counts_what_a_node_downloads(tmp_path):

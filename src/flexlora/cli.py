@@ -1,4 +1,4 @@
-"""The ``flexlora`` command: run | compare | aggregate | eval | config.
+"""The ``flexlora`` command: run | compare | aggregate | eval | config | status.
 
 Errors in what the user gave (bad config, bad adapter, bad data) print one line naming the
 problem and exit with code 2; nothing already saved is touched.
@@ -247,6 +247,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from flexlora.flower.server import run_status
+
+    code, line = run_status(args.run)
+    print(line)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexlora", description=__doc__.splitlines()[0],
@@ -312,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--config", help="TOML config to show with every key filled in")
     conf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. federation.rounds=5")
     conf.set_defaults(func=cmd_config)
+    st = sub.add_parser("status", help="did a run complete? one line; exit 0 completed, 1 stopped or unfinished (check it after `flwr run`)")
+    st.add_argument("run", help="run folder (the Flower App's `out`, or a `flexlora run --out` folder)")
+    st.set_defaults(func=cmd_status)
     return parser
 
 

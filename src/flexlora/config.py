@@ -111,8 +111,9 @@ class FederationConfig:
 
 @dataclass
 class FailureConfig:
-    """Failure injection (simulator): fractions of the selected clients per round that crash,
-    return garbage (NaN / wrong shapes / huge norms), or straggle past the timeout."""
+    """Failure injection (simulator, and Flower nodes on their own replies): fractions of the selected
+    clients per round that crash, return garbage (NaN / wrong shapes / huge norms), or straggle past
+    the timeout; drawn per round and client from the run seed (:func:`flexlora.failures.client_failure`)."""
 
     crash: float = 0.0  # share of each round's selected clients that crash (no update)
     garbage: float = 0.0  # share that return garbage (NaN, wrong shapes, huge norms)

@@ -1,5 +1,6 @@
-"""Failure injection for the simulator (``[failures]``): clients that crash, straggle past the
-timeout, or send garbage (NaN, a wrong shape, an absurd norm), drawn per round from the run seed."""
+"""Failure injection (``[failures]``): clients that crash, straggle past the timeout, or send
+garbage (NaN, a wrong shape, an absurd norm), drawn per round and client from the run seed. The
+simulator injects them; on Flower each node injects its own (:func:`flexlora.flower.node.handle_train`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import random
 
 import torch
 
+from flexlora.seeds import derived_seed
 from flexlora.update import ClientUpdate, LoraFactors
+
+
+def client_failure(seed: int, f, rnd: int, client_id: int | str) -> tuple[str | None, random.Random]:
+    """The failure injected into one client's round and the generator that shapes it, seeded by
+    (run seed, round, client): the simulator and a Flower node of that client draw the same."""
+    rng = random.Random(derived_seed(seed, "failures", rnd, client_id))
+    return draw_failure(rng, f), rng
 
 
 def draw_failure(rng: random.Random, f) -> str | None:

@@ -41,6 +41,7 @@ class ClientStatus(str, enum.Enum):
     CRASH = "crash"  # failure injection: crashed during local training
     STRAGGLE = "straggle"  # failure injection: missed the round timeout
     TIMEOUT = "timeout"  # Flower: no reply within the round timeout
+    UNAVAILABLE = "unavailable"  # Flower: the node is gone (no heartbeat, or not connected)
     ERROR = "error"  # local training raised (or the node replied with an error)
     OOM = "oom"  # local training ran out of accelerator memory
     REJECTED = "rejected"  # the update failed validation (or the reply was malformed)

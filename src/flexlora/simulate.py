@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ from flexlora.config import ConfigError, RunConfig, config_changes, config_finge
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients, pass_precision
+from flexlora.failures import client_failure, garbage_update
 from flexlora.stats import summary_intervals
-from flexlora.failures import draw_failure, garbage_update
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.models import is_low_precision, is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
@@ -369,11 +368,10 @@ class Simulation(SparseWarmup):
         turn (with the configured failures injected), the engine closes it."""
         plan = self.engine.plan(rnd, state)
         self.trainer.cfg = self.method.local_training(self.cfg.train, round=rnd)  # e.g. RoLoRA: the factor this round trains
-        fail_rng = random.Random(derived_seed(self.cfg.federation.seed, "failures", rnd))
         outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=0.0)
         task = bar.add_task(f"round {rnd}: clients", total=len(plan.clients)) if bar is not None else None
         for planned in plan.clients:
-            update = self._train_planned(rnd, planned, fail_rng, outcome)
+            update = self._train_planned(rnd, planned, outcome)
             if update is not None:
                 outcome.updates.append(update)
                 outcome.bytes_up += factor_bytes(update.modules.values())
@@ -388,10 +386,10 @@ class Simulation(SparseWarmup):
             self._set_base_weights()  # the merged update is part of everybody's base weights from now on
         return record.to_dict(), new_state
 
-    def _train_planned(self, rnd: int, planned: PlannedClient, fail_rng: random.Random, outcome: RoundOutcome) -> ClientUpdate | None:
+    def _train_planned(self, rnd: int, planned: PlannedClient, outcome: RoundOutcome) -> ClientUpdate | None:
         """One client's local training; its status goes into its record line, a failure into ``outcome.dropped``."""
         cid, entry = planned.cid, planned.entry
-        failure = draw_failure(fail_rng, self.cfg.failures)
+        failure, fail_rng = client_failure(self.cfg.federation.seed, self.cfg.failures, rnd, planned.client.client_id)
         if failure in ("crash", "straggle"):
             outcome.dropped[cid] = ["crashed during local training" if failure == "crash" else "missed the round timeout"]
             entry["status"] = ClientStatus(failure)

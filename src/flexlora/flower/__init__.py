@@ -41,12 +41,12 @@ from flexlora.flower.payloads import (
     message_nbytes,
     spec_to_config,
 )
-from flexlora.flower.server import FlowerServer, FlowerSettings, server_main
+from flexlora.flower.server import FlowerServer, FlowerSettings, run_status, server_main
 
 __all__ = [
     "NODE_OVERRIDES", "QUERY", "RUN_CONFIG_DEFAULTS", "SUMMARY", "TRAIN", "FlowerRunError", "FlowerServer", "FlowerSettings",
     "NodeProfile", "NodeRuntime", "arrays_to_factors", "arrays_to_tensors", "config_from_json", "config_to_json", "config_to_spec",
-    "factors_to_arrays", "handle_query", "handle_train", "message_nbytes", "node_profile", "server_main", "spec_to_config",
+    "factors_to_arrays", "handle_query", "handle_train", "message_nbytes", "node_profile", "run_status", "server_main", "spec_to_config",
 ]
 
 

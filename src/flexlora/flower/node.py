@@ -1,19 +1,26 @@
-"""The node side (ClientApp handlers): report this node's profile, train on the share it is sent."""
+"""The node side (ClientApp handlers): report this node's profile, train on the share it is sent
+(and, under ``[failures]``, inject this client's failures into its own reply, as the simulator does)."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from torch import Tensor
 
+from flexlora.failures import client_failure, garbage_update
 from flexlora.flower.payloads import _flwr, arrays_to_factors, arrays_to_tensors, config_from_json, config_to_json, config_to_spec, factors_to_arrays
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import Context, Message
 
     from flexlora.config import RunConfig
+
+
+class InjectedFailure(RuntimeError):
+    """A failure the node injects into its own reply (``[failures]`` of the run config)."""
 
 
 @dataclass
@@ -133,6 +140,12 @@ def handle_train(msg: "Message", context: "Context") -> "Message":
     pid = _partition_id(context.node_config)
     if int(conf["client-id"]) != pid:
         raise ValueError(f"message for client {conf['client-id']} reached the node with partition-id {pid}")
+    failure, fail_rng = client_failure(cfg.federation.seed, cfg.failures, int(conf["round"]), pid)  # [failures]: what the simulator draws
+    if failure == "crash":
+        raise InjectedFailure("crashed during local training (failure injection: failures.crash)")
+    if failure == "straggle":  # reply only once the round has closed
+        time.sleep(max(0.0, msg.metadata.created_at + msg.metadata.ttl - time.time()) + 1.0)
+        raise InjectedFailure("straggled past the round timeout (failure injection: failures.straggle)")
     rt = NodeRuntime.get(cfg, with_model=True)
     client = rt.client(pid)
     spec = config_to_spec(msg.content["spec"])
@@ -145,16 +158,17 @@ def handle_train(msg: "Message", context: "Context") -> "Message":
     finally:
         rt.model = rt.trainer.model
         apply_dense_delta(rt.model, {}, rt.originals)
-    names = list(result.update.modules)  # the order the server's simulator would see them in
+    update = garbage_update(result.update, fail_rng) if failure == "garbage" else result.update
+    names = list(update.modules)  # the order the server's simulator would see them in
     content = app.RecordDict(
         {
-            "update": factors_to_arrays({n: result.update.modules[n] for n in names}),
+            "update": factors_to_arrays({n: update.modules[n] for n in names}),
             "meta": app.ConfigRecord(
                 {
                     "client-id": pid,
                     "num-examples": int(result.update.num_examples),
                     "modules": names,
-                    "scales": [float(result.update.modules[n].scale) for n in names],
+                    "scales": [float(update.modules[n].scale) for n in names],
                 }
             ),
             "metrics": app.MetricRecord({k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}),

@@ -28,6 +28,10 @@ from flexlora.flower.payloads import (
 from flexlora.rounds import ClientStatus
 from flexlora.update import ClientUpdate, ServerState, UpdateError
 
+# Flower's error codes (flwr.common.constant.ErrorCode) of the replies the SuperLink itself sends
+NODE_UNAVAILABLE = 5  # the node missed its heartbeats (the reply's sender is the SuperLink, not the node)
+EXPIRED = (3, 4)  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE: the message or its reply expired (TTL)
+
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import Context
 
@@ -113,8 +117,12 @@ class FlowerServer:
         self.out = Path(settings.out).expanduser().resolve()
         self.sim = sim if sim is not None else Simulation(cfg, self.out, progress=False)
         self.config_json = config_to_json(cfg)
-        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.node_of: dict[int, int] = {}  # client id -> the node id that serves it now
         self.profiles: dict[int, NodeProfile] = {}  # client id -> profile
+        self.queried: set[int] = set()  # node ids that answered the query (well or not)
+        self.live: set[int] = set()  # node ids connected at the last look
+        self.rejoins: dict[int, list[dict[str, Any]]] = {}  # client id -> the rounds it came back under a new node id
+        self.poll_seconds = 1.0  # how often the replies are pulled while a round waits
         self.min_clients = settings.min_clients or max(1, cfg.federation.min_clients)
         if cfg.privacy.noisy and self.min_clients > 1:
             from flexlora.config import ConfigError
@@ -125,7 +133,6 @@ class FlowerServer:
     # -- set-up ------------------------------------------------------------------------------------
     def discover(self) -> None:
         """Wait for ``min-nodes`` nodes, ask each for its profile, and make them the federation."""
-        app = _flwr()
         s = self.settings
         deadline = time.monotonic() + s.node_wait_timeout
         nodes = sorted(self.grid.get_node_ids())
@@ -135,6 +142,23 @@ class FlowerServer:
         if len(nodes) < s.min_nodes:
             raise FlowerRunError(f"only {len(nodes)} node(s) connected within {s.node_wait_timeout:g}s, fewer than min-nodes={s.min_nodes}")
         LOG.info("flexlora: %d node(s) connected; asking for their ranks and data sizes", len(nodes))
+        for n, p in self._query(nodes).items():
+            if p.partition_id in self.node_of:
+                raise FlowerRunError(f"nodes {self.node_of[p.partition_id]} and {n} both declare partition-id {p.partition_id}; give every node its own")
+            self.node_of[p.partition_id] = n
+            self.profiles[p.partition_id] = p
+        if len(self.profiles) < s.min_nodes:
+            raise FlowerRunError(f"only {len(self.profiles)} node(s) answered the query, fewer than min-nodes={s.min_nodes}")
+        self.live = set(nodes)
+        self.apply_profiles()
+        for cid, p in sorted(self.profiles.items()):
+            LOG.info("flexlora: node %s = client %d, type %s, %d examples", self.node_of[cid], cid, self.sim.fed.types[cid], p.num_examples)
+
+    def _query(self, nodes: list[int]) -> dict[int, NodeProfile]:
+        """Ask ``nodes`` who they are; returns the profiles of those that answered well. A node is
+        asked once (a node that does not answer within ``node-wait-timeout`` is not waited for again)."""
+        app = _flwr()
+        s = self.settings
         msgs = [
             app.Message(
                 app.RecordDict({"config": app.ConfigRecord({"run-config": self.config_json})}),
@@ -145,29 +169,73 @@ class FlowerServer:
             )
             for n in nodes
         ]
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(msgs, timeout=s.node_wait_timeout)}
-        for n in nodes:
-            r = replies.get(n)
+        replies = self._exchange(msgs, s.node_wait_timeout)
+        out: dict[int, NodeProfile] = {}
+        for m in msgs:
+            n, got = m.metadata.dst_node_id, replies.get(m.metadata.dst_node_id)
+            r = got[0] if got else None
+            self.queried.add(n)
             if r is None:
-                LOG.warning("flexlora: node %s did not answer the query in time; it is not part of this run", n)
+                LOG.warning("flexlora: node %s did not answer the query within %gs; it is not part of this run", n, s.node_wait_timeout)
                 continue
             if r.has_error():
                 LOG.warning("flexlora: node %s answered the query with an error (%s); it is not part of this run", n, r.error.reason)
                 continue
             try:
-                p = NodeProfile.from_config(r.content["profile"])
+                out[n] = NodeProfile.from_config(r.content["profile"])
             except (KeyError, ValueError, TypeError) as e:
                 LOG.warning("flexlora: node %s sent a malformed profile (%s); it is not part of this run", n, e)
+        return out
+
+    def refresh_nodes(self, rnd: int) -> None:
+        """The nodes connected now (Flower's node ids change when a SuperNode restarts): a node that
+        declares a client of the run under a new id serves that client from now on, with the
+        client's state (its ranks, pruned ranks, frozen factors) kept by the server."""
+        live = set(self.grid.get_node_ids())
+        new = sorted(live - self.queried)
+        for n, p in (self._query(new) if new else {}).items():
+            cid = p.partition_id
+            if cid not in self.profiles:
+                LOG.warning(
+                    "flexlora: node %s declares client %d, which is not part of this run (the federation is fixed when the run starts); it is not served",
+                    n, cid,
+                )
                 continue
-            if p.partition_id in self.node_of:
-                raise FlowerRunError(f"nodes {self.node_of[p.partition_id]} and {n} both declare partition-id {p.partition_id}; give every node its own")
-            self.node_of[p.partition_id] = n
-            self.profiles[p.partition_id] = p
-        if len(self.profiles) < s.min_nodes:
-            raise FlowerRunError(f"only {len(self.profiles)} node(s) answered the query, fewer than min-nodes={s.min_nodes}")
-        self.apply_profiles()
-        for cid, p in sorted(self.profiles.items()):
-            LOG.info("flexlora: node %s = client %d, type %s, %d examples", self.node_of[cid], cid, self.sim.fed.types[cid], p.num_examples)
+            if p != self.profiles[cid]:
+                LOG.warning(
+                    "flexlora: node %s declares client %d with another profile (%s, was %s); it is not served (restart it with the same --node-config)",
+                    n, cid, p.to_config(), self.profiles[cid].to_config(),
+                )
+                continue
+            old = self.node_of.get(cid)
+            self.node_of[cid] = n
+            self.rejoins.setdefault(cid, []).append({"round": rnd, "node_id": n, "previous_node_id": old})
+            LOG.info("flexlora: client %d rejoined as node %s (was node %s); it is served from round %d on", cid, n, old, rnd)
+        self.live = live
+
+    def _exchange(self, messages: list[Any], timeout: float) -> dict[int, tuple[Any, float]]:
+        """Push ``messages`` and pull their replies until all came or ``timeout`` passed. Replies
+        are paired with messages by the message they answer (an error the SuperLink sends for an
+        unavailable node carries the SuperLink's id as its sender, not the node's). Returns, per
+        destination node, the reply and the seconds after which it arrived ((None, 0.0): the
+        SuperLink did not accept the message)."""
+        t0 = time.monotonic()
+        ids = list(self.grid.push_messages(messages))
+        by_id = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        # a message the SuperLink did not accept (its node left the federation since the last look): no reply, at once
+        got: dict[int, tuple[Any, float]] = {m.metadata.dst_node_id: (None, 0.0) for mid, m in zip(ids, messages) if not mid}
+        pending = set(by_id)
+        deadline = t0 + timeout
+        while pending:
+            for r in self.grid.pull_messages([mid for mid in ids if mid in pending]):
+                mid = r.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    got[by_id[mid]] = (r, time.monotonic() - t0)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(self.poll_seconds, max(0.0, deadline - time.monotonic())))
+        return got
 
     def apply_profiles(self) -> None:
         """Make the federation the nodes': their ids, ranks and data sizes."""
@@ -218,10 +286,10 @@ class FlowerServer:
                 f"round {rnd}: only {a.replied} of {len(a.plan.clients)} selected node(s) replied in {s.round_retries + 1} attempt(s), "
                 f"fewer than min-clients={self.min_clients}; the run stops and keeps the state of round {rnd - 1}"
             )
-        for cid, reasons in a.outcome.dropped.items():
-            LOG.warning("flexlora: round %d: client %s left out: %s", rnd, cid, "; ".join(reasons))
         record, new_state = self.sim.engine.close(a.plan, state, a.outcome)
         rec = record.to_dict()
+        for cid, reasons in rec["dropped"].items():  # also the updates validation rejected
+            LOG.warning("flexlora: round %d: client %s (node %s) left out: %s", rnd, cid, a.nodes.get(cid, {}).get("node_id"), "; ".join(reasons))
         rec["flower"] = {"attempts": attempt, "failed_attempts": failed, "nodes": a.nodes, "round_seconds": a.outcome.train_seconds}
         ok = sum(1 for e in rec["clients"] if e.get("status") == ClientStatus.OK)
         LOG.info("flexlora: round %d done: %d update(s) aggregated, %d client(s) left out%s", rnd, ok, len(rec["dropped"]), " (round skipped)" if "skipped" in rec else "")
@@ -233,10 +301,15 @@ class FlowerServer:
 
         app = _flwr()
         engine, s = self.sim.engine, self.settings
+        self.refresh_nodes(rnd)
         plan = engine.plan(rnd, state, budgets={cid: p.budget_mib for cid, p in self.profiles.items()})
         base = app.ArrayRecord({n: app.Array(d.contiguous().numpy()) for n, d in sorted(plan.base.items())}) if plan.base else None
-        messages = []
+        messages, gone = [], set()
         for planned in plan.clients:
+            node = self.node_of[planned.client.client_id]
+            if node not in self.live:  # gone, and not back under a new id: nothing to wait for
+                gone.add(planned.cid)
+                continue
             content = {
                 "config": app.ConfigRecord(
                     {"run-config": self.config_json, "round": rnd, "client-id": planned.client.client_id, "seed": engine.train_seed(rnd, planned.client.client_id)}
@@ -246,13 +319,9 @@ class FlowerServer:
             }
             if base is not None:
                 content["base"] = base
-            messages.append(
-                app.Message(app.RecordDict(content), dst_node_id=self.node_of[planned.client.client_id], message_type=TRAIN, group_id=str(rnd), ttl=s.round_timeout)
-            )
+            messages.append(app.Message(app.RecordDict(content), dst_node_id=node, message_type=TRAIN, group_id=str(rnd), ttl=s.round_timeout))
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}
-        replies: dict[int, Any] = {}
-        for r in self.grid.send_and_receive(messages, timeout=s.round_timeout):
-            replies.setdefault(r.metadata.src_node_id, r)
+        replies = self._exchange(messages, s.round_timeout) if messages else {}
 
         outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=time.perf_counter() - plan.started)
         nodes: dict[str, dict[str, Any]] = {}
@@ -260,14 +329,30 @@ class FlowerServer:
         for planned in plan.clients:
             cid, entry = planned.cid, planned.entry
             node = self.node_of[planned.client.client_id]
-            reply = replies.get(node)
-            nodes[cid] = {"node_id": node, "bytes_received": sent[node], "bytes_sent": message_nbytes(reply) if reply is not None else 0}
-            if reply is None:
+            reply, seconds = replies.get(node, (None, None)) if cid not in gone else (None, None)
+            nodes[cid] = {"node_id": node, "bytes_received": sent.get(node, 0), "bytes_sent": message_nbytes(reply) if reply is not None else 0}
+            if seconds is not None:
+                nodes[cid]["reply_seconds"] = round(seconds, 3)
+            if cid in gone:
+                outcome.dropped[cid] = [f"node unavailable: node {node} is not connected (not sent; a restarted node is served again once it is back)"]
+                entry["status"] = ClientStatus.UNAVAILABLE
+            elif reply is None and seconds is not None:
+                outcome.dropped[cid] = [f"node unavailable: the SuperLink did not accept the message for node {node} (it left the federation)"]
+                entry["status"] = ClientStatus.UNAVAILABLE
+            elif reply is None:
                 outcome.dropped[cid] = [f"missed the round timeout ({s.round_timeout:g}s)"]
                 entry["status"] = ClientStatus.TIMEOUT
             elif reply.has_error():
-                outcome.dropped[cid] = [f"node error: {reply.error.reason}"]
-                entry["status"] = ClientStatus.ERROR
+                code, reason = reply.error.code, str(reply.error.reason).strip()
+                if code == NODE_UNAVAILABLE:
+                    outcome.dropped[cid] = [f"node unavailable after {seconds:.1f}s: {reason}"]
+                    entry["status"] = ClientStatus.UNAVAILABLE
+                elif code in EXPIRED:
+                    outcome.dropped[cid] = [f"missed the round timeout ({s.round_timeout:g}s): {reason}"]
+                    entry["status"] = ClientStatus.TIMEOUT
+                else:
+                    outcome.dropped[cid] = [f"node error (Flower error code {code}) after {seconds:.1f}s: {reason}"]
+                    entry["status"] = ClientStatus.ERROR
             else:
                 replied += 1
                 try:
@@ -298,6 +383,10 @@ class FlowerServer:
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """The whole run; ``summary.json`` says ``completed``, or ``stopped`` with the reason and the
+        last good round. A stopped run raises :class:`FlowerRunError`, so the ServerApp process exits
+        with Flower's code 201 (SERVERAPP_EXCEPTION) and `flwr ls` shows the run as failed;
+        `flwr run --stream` exits 0 all the same, `flexlora status OUT` exits 1."""
         try:
             self.discover()
             summary = self.sim.run(resume=self.settings.resume, round_fn=self.round)
@@ -312,7 +401,10 @@ class FlowerServer:
     def _flower_summary(self) -> dict[str, Any]:
         return {
             "engine": "flower",
-            "nodes": {str(cid): {"node_id": self.node_of[cid], "type": self.sim.fed.types[cid], **self.profiles[cid].to_config()} for cid in sorted(self.profiles)},
+            "nodes": {
+                str(cid): {"node_id": self.node_of[cid], "type": self.sim.fed.types[cid], **self.profiles[cid].to_config(), **({"rejoined": self.rejoins[cid]} if cid in self.rejoins else {})}
+                for cid in sorted(self.profiles)
+            },
             "min_clients": self.min_clients,
             "round_timeout": self.settings.round_timeout,
         }
@@ -325,7 +417,7 @@ class FlowerServer:
         sim = self.sim
         if not self.profiles:  # stopped before the federation was set up: nothing trained
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_json(self.out / SUMMARY, {"engine": "flower", "status": "stopped", "error": reason, "last_good_round": 0})
+            _write_json(self.out / SUMMARY, {"engine": "flower", "status": "stopped", "reason": reason, "error": reason, "last_good_round": 0})
             return
         last = max(0, self.failed_round - 1)
         ckpt = load_checkpoint(self.out) if last else None
@@ -337,7 +429,7 @@ class FlowerServer:
         else:
             state, sim.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
         summary = sim.finish(state, read_metrics(self.out / METRICS, upto=last))
-        summary.update(self._flower_summary(), status="stopped", error=reason, last_good_round=last)
+        summary.update(self._flower_summary(), status="stopped", reason=reason, error=reason, last_good_round=last)
         if state.info.get("stored_ranks") == "servable":  # only when restored from a checkpoint between rounds
             summary["final_adapters_note"] = "the top singular triplets up to the largest rank any node is served (the checkpoint of a round before the last)"
         _write_json(self.out / SUMMARY, summary)
@@ -347,6 +439,25 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     from flexlora.fsutil import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def run_status(folder: str | Path) -> tuple[int, str]:
+    """What a run folder's ``summary.json`` says, as an exit code (0 completed, 1 anything else) and
+    one line: what an operator's script checks after `flwr run --stream`, which exits 0 either way."""
+    path = Path(folder) / SUMMARY
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such run folder")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return 1, f"{folder}: no {SUMMARY} (the run is still going, or ended without writing one: see `flwr log`)"
+    except ValueError as e:
+        return 1, f"{path}: unreadable ({e})"
+    status = summary.get("status", "completed")  # the simulator's summaries carry no status: they exist only when complete
+    if status == "completed":
+        return 0, f"completed: {summary.get('rounds')} round(s), {summary.get('dropped_updates', 0)} dropped update(s); final adapters in {summary.get('final_adapters')}"
+    reason = summary.get("reason") or summary.get("error") or "no reason recorded"
+    return 1, f"{status} (last good round {summary.get('last_good_round', '?')}): {reason}"
 
 
 def server_main(grid, context: "Context") -> dict[str, Any]:

@@ -6,7 +6,6 @@ client, ``train.deterministic``, the tomllib fallback, and gpu_check's accountin
 import copy
 import importlib.util
 import json
-import random
 import sys
 from pathlib import Path
 

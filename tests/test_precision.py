@@ -14,7 +14,7 @@ from flexlora.cli import main
 from flexlora.config import ConfigError, load_config
 from flexlora.data.types import ClientData, Example
 from flexlora.evaluate import EvalConfig, pass_precision, teacher_forced
-from flexlora.precision import autocast_for, cpu_has_native_bf16, resolve_precision
+from flexlora.precision import cpu_has_native_bf16, resolve_precision
 from flexlora.train import LocalTrainer, TrainConfig
 from flexlora.update import LoraFactors, ModuleSpec
 

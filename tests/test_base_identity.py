@@ -91,7 +91,7 @@ def test_flora_says_what_to_merge_and_refusals_name_input_folders(tmp_path, caps
     paths = [make_peft_adapter(tmp_path / "small", seed=1, r=2), make_peft_adapter(tmp_path / "large", seed=2, r=4)]
     assert main(["aggregate", *map(str, paths), "--method", "flora", "--out", str(tmp_path / "f")]) == 0
     out = capsys.readouterr().out
-    assert f"merge {tmp_path / 'f' / 'global'} into the base model first" in out and "B = 0" in out
+    assert f"merge {tmp_path / 'f' / 'global'} into the base model" in out and "B = 0" in out
     assert main(["aggregate", *map(str, paths), "--method", "fedavg", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert f"rank 2 for {tmp_path / 'small'} and 4 for {tmp_path / 'large'}" in err and "client 0" not in err

@@ -172,6 +172,8 @@ def handle_train(msg: "Message", context: "Context") -> "Message":
                 }
             ),
             "metrics": app.MetricRecord({k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}),
+            # text metrics (e.g. the precision local training ran in) cannot go into a MetricRecord
+            "text-metrics": app.ConfigRecord({k: v for k, v in result.metrics.items() if isinstance(v, str)}),
         }
     )
     return app.Message(content, reply_to=msg)

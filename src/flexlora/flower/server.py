@@ -379,6 +379,8 @@ class FlowerServer:
             raise UpdateError(f"reply claims client {meta['client-id']}, expected {cid}")
         factors = arrays_to_factors(reply.content["update"], dict(zip(names, scales)))
         metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+        if "text-metrics" in reply.content:
+            metrics.update({k: str(v) for k, v in reply.content["text-metrics"].items()})
         return ClientUpdate(client_id=cid, num_examples=int(meta["num-examples"]), modules=factors), metrics
 
     # -- the run -----------------------------------------------------------------------------------

@@ -235,3 +235,76 @@ def factored_distance(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> float:
     B = torch.cat([B1.to(dtype), -B2.to(dtype)], dim=1)
     A = torch.cat([A1.to(dtype), A2.to(dtype)], dim=0)
     return factored_fro_norm(B, A)
+
+
+class LowRankSum:
+    """``sum_k (w_k / W) s_k B_k @ A_k`` of one module, folded one term at a time (``W = sum_k w_k``,
+    known only at the end), in about the memory of one dense update however many terms come.
+
+    While the stacked rank ``R = sum_k r_k`` is one at which :func:`choose_path` takes the factored
+    path, the terms' factors are kept and :meth:`svd` is exactly :func:`svd_of_sum` of them (the same
+    stack, coefficients ``(w_k / W) s_k``: the same bits). From the rank at which the dense path is
+    cheaper (monotone in R: it stays cheaper) the dense sum ``sum_k w_k s_k B_k A_k`` is kept instead,
+    divided by ``W`` at the end; a stack of that rank is at most ~1.7x the dense matrix at the layer
+    shapes of SmolLM2 and LLaMA-1.3B, so the memory never exceeds that. The dense sum adds the
+    terms' products one by one instead of one product of the stack, so it equals the stacked path to
+    rounding (float32: ~1e-6 relative), not bit for bit. ``path="factored"`` keeps every term (the
+    user asked for that path); ``"dense"`` sums densely from the first term.
+    """
+
+    def __init__(self, d_out: int, d_in: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", path: SvdPath = "auto") -> None:
+        if path not in ("auto", "factored", "dense"):
+            raise ValueError(f"unknown SVD path {path!r}; use 'auto', 'factored' or 'dense'")
+        self.shape = (d_out, d_in)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.path = path
+        self.terms: list[tuple[Tensor, Tensor, float, float]] = []  # (B, A, w, s) while factored
+        self.dense: Tensor | None = None  # sum_k w_k s_k B_k A_k once dense
+        self.rank = 0  # the stacked rank R so far
+        self.weight = 0.0  # W so far
+
+    def add(self, B: Tensor, A: Tensor, weight: float, scale: float = 1.0) -> None:
+        """Fold ``weight * scale * B @ A`` (the factors are kept by reference while factored)."""
+        if (B.shape[0], A.shape[1]) != self.shape or B.shape[1] != A.shape[0]:
+            raise ValueError(f"a term B{tuple(B.shape)} A{tuple(A.shape)} does not fit a {self.shape} sum")
+        self.rank += int(A.shape[0])
+        self.weight += weight
+        if self.dense is None and (self.path == "dense" or (self.path == "auto" and choose_path(*self.shape, self.rank) == "dense")):
+            self.dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            for t in self.terms:
+                self._add_dense(*t)
+            self.terms = []
+        if self.dense is None:
+            self.terms.append((B, A, weight, scale))
+        else:
+            self._add_dense(B, A, weight, scale)
+
+    def _add_dense(self, B: Tensor, A: Tensor, weight: float, scale: float) -> None:
+        self.dense.addmm_(B.to(self.device, self.dtype) * (weight * scale), A.to(self.device, self.dtype))
+
+    def stack(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """The factored sum as ``Bcat @ Acat`` (coefficients ``(w_k / W) s_k`` on B), as :func:`stack_factors`."""
+        if self.dense is not None:
+            raise ValueError("the sum is dense: it has no stack")
+        W = self.weight
+        return stack_factors([t[0].to(self.device) for t in self.terms], [t[1].to(self.device) for t in self.terms], [(w / W) * s for _, _, w, s in self.terms], dtype or self.dtype)
+
+    def mean(self) -> Tensor:
+        """The dense sum divided by ``W`` (only once dense)."""
+        if self.dense is None:
+            raise ValueError("the sum is still factored: use stack()")
+        return self.dense / self.weight
+
+    def svd(self, keep: int | None = None, dense: Tensor | None = None) -> Svd:
+        """The exact thin SVD of the sum (plus ``dense``), as :func:`svd_of_sum` of the terms would give."""
+        if self.dense is None:
+            Bcat, Acat = self.stack()
+            return svd_of_product(Bcat, Acat, self.path, keep, dense)  # "auto" picks the factored path here, as for the whole stack
+        dW = self.mean()
+        if dense is not None:
+            dW += dense.to(dW.device, dW.dtype)
+        d_out, d_in = self.shape
+        k = min(d_out, d_in) if dense is not None else min(self.rank, d_out, d_in)
+        U, S, Vh = thin_svd(dW, k if keep is None else max(0, min(keep, k)))
+        return Svd(U, S[:k], Vh, "dense")

@@ -85,6 +85,35 @@ class AggregationMethod(ABC):
         return False
 
     # -- the interface ---------------------------------------------------------------------------
+    def accumulator(self) -> "Accumulator":
+        """A fold of one round's updates as they arrive (:class:`Accumulator`): the method's
+        :meth:`streaming_accumulator` when the class that defines it also defines :meth:`aggregate`
+        (a subclass that changes ``aggregate`` but not the fold is never folded by its parent's
+        rule), else :class:`HeldUpdates`, which holds every update and calls :meth:`aggregate`."""
+        if self._own_fold():
+            acc = self.streaming_accumulator()
+            if acc is not None:
+                return acc
+        return HeldUpdates(self)
+
+    def streaming_accumulator(self) -> "Accumulator | None":
+        """Opt-in: a method whose aggregate is a running sum returns an accumulator that folds each
+        update as it arrives, so the server keeps about one dense update instead of every client's
+        factors. None (the default): the updates are held and :meth:`aggregate` runs at the end."""
+        return None
+
+    @property
+    def folds_updates(self) -> bool:
+        """Whether :meth:`accumulator` folds updates as they arrive (False: it holds them all)."""
+        return not isinstance(self.accumulator(), HeldUpdates)
+
+    def _own_fold(self) -> bool:
+        """The class that defines ``streaming_accumulator`` is (a subclass of) the one that defines ``aggregate``."""
+        mro = type(self).__mro__
+        owner = lambda attr: next(c for c in mro if attr in c.__dict__)  # noqa: E731
+        fold_owner = owner("streaming_accumulator")
+        return fold_owner is not AggregationMethod and issubclass(fold_owner, owner("aggregate"))
+
     @abstractmethod
     def aggregate(
         self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0
@@ -175,12 +204,13 @@ class AggregationMethod(ABC):
         p = data_size_weights(updates) if weights is None else normalise_weights(list(weights), updates)
         return updates, p
 
-    def _state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate], p: Sequence[float], **info) -> ServerState:
+    def _state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate | str], p: Sequence[float], **info) -> ServerState:
+        """The state of a round; ``updates`` (or their client ids) name the weights ``p``."""
         return ServerState(
             method=self.name,
             round=round,
             adapter=modules_on_cpu(adapter),
-            weights={u.client_id: float(w) for u, w in zip(updates, p)},
+            weights={(u if isinstance(u, str) else u.client_id): float(w) for u, w in zip(updates, p)},
             info={"seed": self.seed, **info},
         )
 
@@ -191,6 +221,78 @@ class AggregationMethod(ABC):
         if k < rank:
             B, A = _pad_with_fresh_rows(B, A, rank, _module_seed(state, name))
         return LoraFactors(A=A.contiguous(), B=B.contiguous(), scale=scale)
+
+
+class Accumulator(ABC):
+    """One round's aggregation, fed one update at a time: ``add`` every accepted update (in a fixed
+    order: the result may depend on it at rounding level), then ``finish`` once. ``weight`` is the
+    update's unnormalised weight (default its number of examples); the weights are normalised at the
+    end, so nothing needs to be known before the first update comes. ``finish`` returns what
+    ``aggregate(updates, weights)`` returns for the same updates: the same bits where the method's
+    arithmetic order allows, else the same to rounding (each method says which)."""
+
+    def __init__(self, method: "AggregationMethod") -> None:
+        self.method = method
+        self.client_ids: list[str] = []
+        self.weights: list[float] = []
+        self.explicit = False  # some weight was given (else the data sizes, as aggregate's default)
+        self.skeleton: ClientUpdate | None = None  # the first update's module names and shapes (no factors)
+
+    def add(self, update: ClientUpdate, weight: float | None = None) -> None:
+        if weight is not None:
+            if not (math.isfinite(weight) and weight >= 0):
+                raise UpdateError(f"client {update.client_id}: weight must be finite and >= 0, got {weight}")
+            self.explicit = True
+        elif update.num_examples < 0:
+            raise UpdateError(f"negative number of examples in {[update.client_id]}")
+        w = float(update.num_examples) if weight is None else float(weight)
+        self.check(update)
+        self.fold(update, w)  # first: a refused update leaves no trace
+        self.client_ids.append(update.client_id)
+        self.weights.append(w)
+
+    @abstractmethod
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        """Add one update with its unnormalised weight."""
+
+    @abstractmethod
+    def finish(self, round: int = 0) -> ServerState:
+        """The state of the round (call once)."""
+
+    def normalised(self) -> list[float]:
+        """p_k as ``aggregate`` computes them: ``n_k / sum n`` (data sizes) or ``w_k / sum w``."""
+        if not self.client_ids:
+            raise UpdateError("no client updates to aggregate")
+        total = sum(self.weights)
+        if total <= 0:
+            raise UpdateError("weights sum to 0" if self.explicit else "all clients report 0 training examples; cannot weight by data size")
+        if self.explicit:
+            return [w / total for w in self.weights]
+        sizes = [int(w) for w in self.weights]
+        return [n / sum(sizes) for n in sizes]
+
+    def check(self, update: ClientUpdate) -> None:
+        """The checks ``aggregate`` makes across updates (same modules, same layer shapes, finite
+        floats), against the first update's shapes (its factors are not kept)."""
+        if self.skeleton is None:
+            check_compatible([update])
+            self.skeleton = ClientUpdate(update.client_id, 0, {n: LoraFactors(A=f.A.new_empty(0, f.d_in), B=f.B.new_empty(f.d_out, 0), scale=1.0) for n, f in update.modules.items()})
+        else:
+            check_compatible([self.skeleton, update])
+
+
+class HeldUpdates(Accumulator):
+    """The default: hold every update, call the method's ``aggregate`` at the end (the same bits)."""
+
+    def __init__(self, method: "AggregationMethod") -> None:
+        super().__init__(method)
+        self.updates: list[ClientUpdate] = []
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        self.updates.append(update)
+
+    def finish(self, round: int = 0) -> ServerState:
+        return self.method.aggregate(self.updates, weights=self.weights if self.explicit else None, round=round)
 
 
 def modules_on_cpu(modules: Mapping[str, GlobalModule]) -> dict[str, GlobalModule]:

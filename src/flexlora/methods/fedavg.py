@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from flexlora.methods.base import AggregationMethod, scaled_factors
+import torch
+
+from flexlora.methods.base import Accumulator, AggregationMethod, scaled_factors
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -38,3 +40,49 @@ class FedAvg(AggregationMethod):
             A = sum(w * A for w, (_, A) in zip(p, pairs))
             adapter[name] = GlobalModule(A=A, B=B)
         return self._state(round, adapter, updates, p)
+
+    def streaming_accumulator(self) -> "FactorMean":
+        return FactorMean(self)
+
+
+class FactorMean(Accumulator):
+    """FedAvg's two weighted sums, ``sum_k w_k s_k B_k`` and ``sum_k w_k A_k``, folded as the updates
+    arrive (two factor-sized tensors per module) and divided by ``sum_k w_k`` at the end. The same to
+    rounding as ``aggregate`` (which multiplies by the normalised weight before adding), not bit for
+    bit. ``shared_A``: FFA-LoRA's check that every client kept the first client's A (which is kept)."""
+
+    def __init__(self, method: AggregationMethod, shared_A: bool = False) -> None:
+        super().__init__(method)
+        self.shared_A = shared_A
+        self.B: dict[str, torch.Tensor] = {}
+        self.A: dict[str, torch.Tensor] = {}
+        self.first_spec: tuple[str, dict] | None = None
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        m = self.method
+        label = f"client {update.client_id}"
+        if self.first_spec is None:
+            self.first_spec = (label, update.spec())
+        m.check_specs([self.first_spec[1], update.spec()], labels=[self.first_spec[0], label])
+        pairs = {name: scaled_factors(update, name, m.dtype, m.device) for name in update.modules}
+        if self.shared_A and self.A:
+            for name, (_, A) in pairs.items():
+                m.check_shared_A(update.client_id, name, A, self.A[name])
+        for name, (sB, A) in pairs.items():
+            if name not in self.B:
+                self.B[name] = torch.zeros_like(sB)
+                if not self.shared_A:
+                    self.A[name] = torch.zeros_like(A)
+            self.B[name].add_(sB, alpha=weight)
+            if self.shared_A:
+                self.A.setdefault(name, A.clone())
+            else:
+                self.A[name].add_(A, alpha=weight)
+
+    def finish(self, round: int = 0) -> ServerState:
+        p = self.normalised()
+        total = sum(self.weights)
+        adapter = {
+            name: GlobalModule(A=self.A[name] if self.shared_A else self.A[name] / total, B=self.B[name] / total) for name in self.skeleton.modules
+        }
+        return self.method._state(round, adapter, self.client_ids, p)

@@ -36,6 +36,11 @@ class FedExLoRA(FedAvg):
         "adapter + residual) is the exact aggregate on the original base, for evaluation: never add a folder's adapter to it"
     )
 
+    def streaming_accumulator(self) -> None:
+        """Not folded: the residual is released as the exact stack of every client's factors (by
+        design, as FLoRA's stack), so the server holds them all whatever the order of arrival."""
+        return None
+
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         state = super().aggregate(updates, weights, round)  # checks the ranks, averages A and s B
         p = [state.weights[u.client_id] for u in updates]

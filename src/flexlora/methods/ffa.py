@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.methods.base import Accumulator, AggregationMethod, scaled_factors
+from flexlora.methods.fedavg import FactorMean
 from flexlora.update import ClientUpdate, GlobalModule, ServerState, UpdateError
 
 
@@ -39,11 +40,20 @@ class FFALoRA(AggregationMethod):
             pairs = [scaled_factors(u, name, self.dtype, self.device) for u in updates]
             A0 = pairs[0][1]
             for u, (_, A) in zip(updates, pairs):
-                if not torch.equal(A, A0):
-                    raise UpdateError(
-                        f"ffa: client {u.client_id} changed the frozen lora_A of module {name!r}"
-                        f" (max difference {float((A - A0).abs().max()):.3g}); FFA-LoRA needs one shared A"
-                    )
+                self.check_shared_A(u.client_id, name, A, A0)
             B = sum(w * sB for w, (sB, _) in zip(p, pairs))
             adapter[name] = GlobalModule(A=A0.clone(), B=B)
         return self._state(round, adapter, updates, p)
+
+    def streaming_accumulator(self) -> Accumulator:
+        """B's weighted sum folded as the updates arrive; the first client's A is kept and every
+        other A is checked against it (``FactorMean``)."""
+        return FactorMean(self, shared_A=True)
+
+    @staticmethod
+    def check_shared_A(client_id: str, name: str, A: torch.Tensor, A0: torch.Tensor) -> None:
+        if not torch.equal(A, A0):
+            raise UpdateError(
+                f"ffa: client {client_id} changed the frozen lora_A of module {name!r}"
+                f" (max difference {float((A - A0).abs().max()):.3g}); FFA-LoRA needs one shared A"
+            )

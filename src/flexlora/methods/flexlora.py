@@ -17,8 +17,8 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import SvdPath, map_modules, svd_of_sum
-from flexlora.methods.base import AggregationMethod
+from flexlora.lowrank import LowRankSum, Svd, SvdPath, map_modules, svd_of_sum
+from flexlora.methods.base import Accumulator, AggregationMethod
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -66,17 +66,59 @@ class FlexLoRA(AggregationMethod):
             coeffs = [pk * f.scale for pk, f in zip(p, factors)]
             dense = None if noise is None else noise[name]
             svd = svd_of_sum(Bs, As, coeffs, path=self.svd_path, dtype=self.dtype, keep=self.keep_rank, dense=dense)
-            k = svd.U.shape[1]
-            U, S, Vh = svd.U, svd.S[:k], svd.Vh
-            if self.singular_values == "B":
-                B, A = U * S, Vh
-            else:
-                root = S.sqrt()
-                B, A = U * root, root[:, None] * Vh
-            return GlobalModule(A=A.contiguous(), B=B.contiguous(), spectrum=svd.S), svd.path
+            return self._global(svd), svd.path
 
         names = list(updates[0].modules)
         done = dict(zip(names, map_modules(synthesise, names, self.device)))  # modules are independent
         adapter = {name: gm for name, (gm, _) in done.items()}
         paths = {name: path for name, (_, path) in done.items()}
         return self._state(round, adapter, updates, p, svd_paths=paths)
+
+    def streaming_accumulator(self) -> "FlexLoRASum":
+        return FlexLoRASum(self)
+
+    def _global(self, svd: Svd) -> GlobalModule:
+        """The global module from the SVD of the weighted sum: all singular values in B, or the sqrt split."""
+        k = svd.U.shape[1]
+        U, S, Vh = svd.U, svd.S[:k], svd.Vh
+        if self.singular_values == "B":
+            B, A = U * S, Vh
+        else:
+            root = S.sqrt()
+            B, A = U * root, root[:, None] * Vh
+        return GlobalModule(A=A.contiguous(), B=B.contiguous(), spectrum=svd.S)
+
+
+class FlexLoRASum(Accumulator):
+    """FlexLoRA's weighted sum folded as the updates arrive, one :class:`~flexlora.lowrank.LowRankSum`
+    per module (the clients' factors while the stacked rank is small, the dense sum beyond); the SVD
+    and redistribution at the end are :meth:`FlexLoRA.aggregate`'s. Rounds whose stacked rank keeps
+    the factored path give the same bits as ``aggregate``; denser ones the same to rounding (the
+    dense sum adds the clients' products one by one, not one product of the whole stack)."""
+
+    method: FlexLoRA
+
+    def __init__(self, method: FlexLoRA) -> None:
+        super().__init__(method)
+        self.sums: dict[str, LowRankSum] = {}
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        m = self.method
+        for name, f in update.modules.items():
+            if name not in self.sums:
+                self.sums[name] = LowRankSum(f.d_out, f.d_in, m.dtype, m.device, m.svd_path)
+            self.sums[name].add(f.B, f.A, weight, f.scale)
+
+    def finish(self, round: int = 0) -> ServerState:
+        p = self.normalised()
+        m = self.method
+
+        def synthesise(name: str) -> tuple[GlobalModule, str]:
+            svd = self.sums.pop(name).svd(keep=m.keep_rank)  # the module's sum is freed as soon as it is used
+            return m._global(svd), svd.path
+
+        names = list(self.skeleton.modules)
+        done = dict(zip(names, map_modules(synthesise, names, m.device)))
+        adapter = {name: gm for name, (gm, _) in done.items()}
+        paths = {name: path for name, (_, path) in done.items()}
+        return m._state(round, adapter, self.client_ids, p, svd_paths=paths)

@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import SvdPath, svd_of_sum
-from flexlora.methods.base import AggregationMethod, modules_on_cpu, scaled_factors
+from flexlora.lowrank import LowRankSum, Svd, SvdPath, svd_of_sum
+from flexlora.methods.base import Accumulator, AggregationMethod, modules_on_cpu, scaled_factors
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -56,15 +56,51 @@ class FLoRIST(AggregationMethod):
         for name in updates[0].modules:
             Bs, As = zip(*(scaled_factors(u, name, self.dtype, self.device) for u in updates))
             svd = svd_of_sum(Bs, As, p, path=self.svd_path, dtype=self.dtype, dense=None if noise is None else noise[name])
-            k = energy_rank(svd.S, self.threshold)
-            kept[name] = GlobalModule(A=svd.Vh[:k].contiguous(), B=(svd.U[:, :k] * svd.S[:k]).contiguous(), spectrum=svd.S)
-            ranks[name] = k
+            kept[name], ranks[name] = self._kept(svd)
+        return self._merged_state(round, kept, ranks, [u.client_id for u in updates], p)
+
+    def _kept(self, svd: Svd) -> tuple[GlobalModule, int]:
+        k = energy_rank(svd.S, self.threshold)
+        return GlobalModule(A=svd.Vh[:k].contiguous(), B=(svd.U[:, :k] * svd.S[:k]).contiguous(), spectrum=svd.S), k
+
+    def _merged_state(self, round: int, kept: dict[str, GlobalModule], ranks: dict[str, int], client_ids: Sequence[str], p: Sequence[float]) -> ServerState:
         shapes = {name: (gm.d_out, gm.d_in) for name, gm in kept.items()}
         state = self.initial_state(shapes, round=round)  # fresh LoRA for everybody next round
         state.base_delta = modules_on_cpu(kept)
-        state.weights = {u.client_id: float(w) for u, w in zip(updates, p)}
+        state.weights = {cid: float(w) for cid, w in zip(client_ids, p)}
         state.info.update(merge_into_base=True, global_ranks=ranks, threshold=self.threshold)
         return state
+
+    def streaming_accumulator(self) -> "StackedSum":
+        return StackedSum(self)
+
+
+class StackedSum(Accumulator):
+    """FLoRIST's stacked sum folded as the updates arrive (a :class:`~flexlora.lowrank.LowRankSum`
+    per module: the factors while the stacked rank is small, the dense sum beyond), then the same
+    SVD and energy threshold. The same bits as ``aggregate`` where the factored path is kept, the
+    same to rounding where the sum went dense."""
+
+    method: FLoRIST
+
+    def __init__(self, method: FLoRIST) -> None:
+        super().__init__(method)
+        self.sums: dict[str, LowRankSum] = {}
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        m = self.method
+        for name in update.modules:
+            sB, A = scaled_factors(update, name, m.dtype, m.device)
+            if name not in self.sums:
+                self.sums[name] = LowRankSum(sB.shape[0], A.shape[1], m.dtype, m.device, m.svd_path)
+            self.sums[name].add(sB, A, weight)  # coefficient p_k on s_k B_k, as aggregate's stack
+
+    def finish(self, round: int = 0) -> ServerState:
+        p = self.normalised()
+        kept, ranks = {}, {}
+        for name in self.skeleton.modules:
+            kept[name], ranks[name] = self.method._kept(self.sums.pop(name).svd())
+        return self.method._merged_state(round, kept, ranks, self.client_ids, p)
 
 
 def energy_rank(S: torch.Tensor, threshold: float) -> int:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flexlora.lowrank import factored_fro_norm
-from flexlora.methods.base import AggregationMethod, LocalPenalty, scaled_factors, zero_pad
+from flexlora.methods.base import Accumulator, AggregationMethod, LocalPenalty, scaled_factors, zero_pad
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ServerState
 
 Weighting = Literal["norm", "client", "data", "norm_x_data"]
@@ -68,6 +68,9 @@ class HetLoRA(AggregationMethod):
     @property
     def uses_weights(self) -> bool:
         return self.weighting in ("data", "norm_x_data")  # "norm" and "client" weigh by update norms alone
+
+    def streaming_accumulator(self) -> "PaddedMean":
+        return PaddedMean(self)
 
     # -- the client side ---------------------------------------------------------------------------
     def local_penalty(self, train) -> LocalPenalty | None:
@@ -118,6 +121,56 @@ class HetLoRA(AggregationMethod):
         if total <= 0 or not math.isfinite(total):  # every update is zero at this module: fall back to data size
             return list(p_data)
         return [r / total for r in raw]
+
+
+class PaddedMean(Accumulator):
+    """HetLoRA's padded weighted average folded as the updates arrive: per module, the sums of the
+    zero-padded ``raw_k s_k B_k`` and ``raw_k A_k`` with the unnormalised weights ``raw_k`` (the
+    module's update norm, the data size or their product), grown when a larger rank arrives, divided
+    by ``sum_k raw_k`` at the end; the same sums with data-size weights are kept beside them for
+    :meth:`HetLoRA._weights`' fallback (every update zero at that module). Factor-sized memory; the
+    same as ``aggregate`` to rounding (it multiplies by normalised weights before adding)."""
+
+    method: HetLoRA
+
+    def __init__(self, method: HetLoRA) -> None:
+        super().__init__(method)
+        self.raw: dict[str, list[float]] = {}  # per module, each client's unnormalised weight
+        self.norms: dict[str, list[float]] = {}  # per module, each client's update norm
+        self.sums: dict[str, list[Tensor]] = {}  # per module: raw-weighted sB, A, data-weighted sB, A
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        m = self.method
+        for name in update.modules:
+            sB, A = scaled_factors(update, name, m.dtype, m.device)
+            norm = factored_fro_norm(sB, A)
+            raw = weight if m.weighting == "data" else (norm if m.weighting == "norm" else norm * weight)
+            self.raw.setdefault(name, []).append(raw)
+            self.norms.setdefault(name, []).append(norm)
+            sums = self.sums.setdefault(name, [sB.new_zeros(sB.shape[0], 0), A.new_zeros(0, A.shape[1])] * 2)
+            r = max(sums[1].shape[0], A.shape[0])
+            sums[:] = [zero_pad(t, r, dim=1 if i % 2 == 0 else 0) for i, t in enumerate(sums)]
+            for i, (t, w) in enumerate(((sB, raw), (A, raw), (sB, weight), (A, weight))):
+                if i % 2 == 0:
+                    sums[i][:, : t.shape[1]].add_(t, alpha=w)
+                else:
+                    sums[i][: t.shape[0]].add_(t, alpha=w)
+
+    def finish(self, round: int = 0) -> ServerState:
+        m = self.method
+        p_data = self.normalised()
+        total_data = sum(self.weights)
+        adapter, module_weights = {}, {}
+        for name in self.skeleton.modules:
+            raw = self.raw[name]
+            total = sum(raw)
+            Bw, Aw, Bd, Ad = self.sums.pop(name)
+            if m.weighting == "data" or total <= 0 or not math.isfinite(total):  # HetLoRA._weights' fallback
+                adapter[name] = GlobalModule(A=Ad / total_data, B=Bd / total_data)
+            else:
+                adapter[name] = GlobalModule(A=Aw / total, B=Bw / total)
+            module_weights[name] = m._weights(self.norms.pop(name), p_data)  # as aggregate records them
+        return m._state(round, adapter, self.client_ids, p_data, module_weights=module_weights, weighting=m.weighting)
 
 
 def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 import torch
 
 from flexlora.lowrank import svd_of_product
-from flexlora.methods.base import AggregationMethod, scaled_factors
+from flexlora.methods.base import Accumulator, AggregationMethod, scaled_factors, zero_pad
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -50,11 +50,49 @@ class RankPartition(AggregationMethod):
                 B[:, :r] += w * sB
                 A[:r] += w * Ak
                 col_weight[:r] += w
-            B /= col_weight  # every column j <= r_max has at least one owner, so no zero division
-            A /= col_weight[:, None]
-            if self.redistribute == "svd":
-                svd = svd_of_product(B, A)
-                adapter[name] = GlobalModule(A=svd.Vh, B=svd.U * svd.S, spectrum=svd.S)
-            else:
-                adapter[name] = GlobalModule(A=A, B=B)
+            adapter[name] = self._global(B, A, col_weight)
         return self._state(round, adapter, updates, p, redistribute=self.redistribute)
+
+    def _global(self, B: torch.Tensor, A: torch.Tensor, col_weight: torch.Tensor) -> GlobalModule:
+        B /= col_weight  # every column j <= r_max has at least one owner, so no zero division
+        A /= col_weight[:, None]
+        if self.redistribute == "svd":
+            svd = svd_of_product(B, A)
+            return GlobalModule(A=svd.Vh, B=svd.U * svd.S, spectrum=svd.S)
+        return GlobalModule(A=A, B=B)
+
+    def streaming_accumulator(self) -> "PartitionSums":
+        return PartitionSums(self)
+
+
+class PartitionSums(Accumulator):
+    """The column sums ``sum_{k: r_k > j} w_k s_k B_k[:, j]`` (and A's rows) with their weights,
+    folded as the updates arrive with unnormalised weights (grown when a larger rank arrives):
+    factor-sized memory. Column j is divided by its own weight sum, so normalising first or not is
+    the same to rounding (``aggregate`` adds normalised weights), not bit for bit."""
+
+    method: RankPartition
+
+    def __init__(self, method: RankPartition) -> None:
+        super().__init__(method)
+        self.sums: dict[str, list[torch.Tensor]] = {}  # per module: B, A, column weights
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        m = self.method
+        for name in update.modules:
+            sB, Ak = scaled_factors(update, name, m.dtype, m.device)
+            r = Ak.shape[0]
+            if name not in self.sums:
+                self.sums[name] = [sB.new_zeros(sB.shape[0], 0), Ak.new_zeros(0, Ak.shape[1]), Ak.new_zeros(0)]
+            B, A, col = self.sums[name]
+            if r > A.shape[0]:
+                B, A, col = zero_pad(B, r, 1), zero_pad(A, r, 0), zero_pad(col, r, 0)
+                self.sums[name] = [B, A, col]
+            B[:, :r] += weight * sB
+            A[:r] += weight * Ak
+            col[:r] += weight
+
+    def finish(self, round: int = 0) -> ServerState:
+        p = self.normalised()
+        adapter = {name: self.method._global(*self.sums.pop(name)) for name in self.skeleton.modules}
+        return self.method._state(round, adapter, self.client_ids, p, redistribute=self.method.redistribute)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from flexlora.lowrank import factored_distance, factored_fro_norm, map_modules, stack_factors, svd_of_product
+from flexlora.lowrank import LowRankSum, factored_distance, factored_fro_norm, map_modules, stack_factors, svd_of_product
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -62,6 +62,7 @@ def aggregation_report(
     dtype: torch.dtype = torch.float64,
     exact: bool = False,
     probes: int = 16,
+    reference: "ExactReference | None" = None,
 ) -> dict[str, dict]:
     """Per module: spectrum of the global update, energy / truncation error per shared rank,
     and the relative distance of the global update to the exact weighted sum of the clients'.
@@ -84,17 +85,31 @@ def aggregation_report(
             S = svd_of_product(B, A).S
         else:
             S = torch.zeros(0, dtype=dtype)
-        ranks = list(share_ranks.get(name, [])) if share_ranks else sorted({u.modules[name].rank for u in updates})
+        if share_ranks:
+            ranks = list(share_ranks.get(name, []))
+        else:
+            ranks = sorted(reference.ranks[name]) if reference is not None else sorted({u.modules[name].rank for u in updates})
         entry = spectrum_summary(S, ranks)
         kept = S.to(torch.float64)[: gm.rank] if svd_ordered else None  # the triplets the state holds
         entry["global_norm"] = float(kept.norm()) if kept is not None else factored_fro_norm(B, A)
         if exact:
-            entry["rel_error_vs_exact"] = _probe_rel_error(B, A, [(c, u.modules[name]) for c, u in zip(coeffs, updates)], probes, dtype)
-            entry["rel_error_method"] = f"probe-{probes}"
+            if reference is not None:
+                entry["rel_error_vs_exact"] = _probe_distance(B, A, *reference.probed(name))
+            else:
+                entry["rel_error_vs_exact"] = _probe_rel_error(B, A, [(c, u.modules[name]) for c, u in zip(coeffs, updates)], probes, dtype)
+            entry["rel_error_method"] = f"probe-{probes if reference is None else reference.probes}"
         else:
-            exact_B, exact_A = stack_factors([u.modules[name].B for u in updates], [u.modules[name].A for u in updates], coeffs, dtype)
-            exact_norm = factored_fro_norm(exact_B, exact_A)
-            dist = factored_distance(B, A, exact_B, exact_A)
+            if reference is not None and reference.sums[name].dense is not None:  # the exact sum went dense while folding
+                E = reference.sums.pop(name).mean().to(dtype)
+                exact_norm = float(torch.linalg.matrix_norm(E))
+                dist = float(torch.linalg.matrix_norm(B.to(dtype) @ A.to(dtype) - E))
+            else:
+                if reference is not None:
+                    exact_B, exact_A = reference.sums.pop(name).stack(dtype)
+                else:
+                    exact_B, exact_A = stack_factors([u.modules[name].B for u in updates], [u.modules[name].A for u in updates], coeffs, dtype)
+                exact_norm = factored_fro_norm(exact_B, exact_A)
+                dist = factored_distance(B, A, exact_B, exact_A)
             entry["exact_norm"] = exact_norm
             entry["rel_error_vs_exact"] = dist / exact_norm if exact_norm > 0 else 0.0
             entry["rel_error_method"] = "exact"
@@ -115,6 +130,81 @@ def aggregation_report(
 
     names = list(state.adapter)
     return dict(zip(names, map_modules(one, names)))  # modules are independent
+
+
+def _probe_matrix(d_in: int, probes: int) -> Tensor:
+    """The fixed Gaussian probes (float64, seed 0) every probe estimate uses."""
+    return torch.randn(d_in, probes, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _probed(B: Tensor, A: Tensor, X: Tensor, work: torch.dtype) -> Tensor:
+    return (B.to(work) @ (A.to(work) @ X.to(work))).to(torch.float64)
+
+
+def _probe_distance(B: Tensor, A: Tensor, EX: Tensor, work: torch.dtype) -> float:
+    """``||B A X - EX||_F / ||EX||_F`` (``EX``: the exact sum times the probes, float64)."""
+    denom = float(torch.linalg.matrix_norm(EX))
+    if denom == 0:
+        return 0.0
+    for t in (B, A):
+        work = torch.promote_types(work, t.dtype)
+    GX = _probed(B, A, _probe_matrix(A.shape[1], EX.shape[1]), work) if A.shape[0] else torch.zeros_like(EX)
+    return float(torch.linalg.matrix_norm(GX - EX)) / denom
+
+
+class ExactReference:
+    """What :func:`aggregation_report` compares a state with, folded as the updates arrive, so the
+    server need not keep them: per module, for an exact method, the exact weighted sum times the fixed
+    probes (``d_out x probes`` numbers in float64); for an inexact one, the exact weighted sum itself
+    (a :class:`~flexlora.lowrank.LowRankSum`: the clients' factors while that is smaller, else the
+    dense sum in ``dtype``). Weights are unnormalised (data sizes): divided by their sum at the end.
+
+    Against the report from the updates: a factored exact sum gives the same bits (the same float64
+    stack); a dense one is summed in ``dtype`` (float32: its distances agree to ~1e-6 relative);
+    probes are summed in float64 with the weights applied before normalising (~1e-15 relative), each
+    client's product in the precision it carries, where the report from updates uses the highest any
+    client carries (different only when the clients' dtypes differ)."""
+
+    def __init__(self, exact: bool, probes: int = 16, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.exact = exact
+        self.probes = probes
+        self.dtype = dtype
+        self.device = device
+        self.work = torch.promote_types(torch.float32, dtype)  # the highest precision a factor carried
+        self.weight = 0.0
+        self.probe_sums: dict[str, Tensor] = {}
+        self.sums: dict[str, LowRankSum] = {}
+        self.ranks: dict[str, set[int]] = {}
+        self._X: dict[int, Tensor] = {}
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        self.weight += weight
+        for name, f in update.modules.items():
+            self.ranks.setdefault(name, set()).add(f.rank)
+            if self.exact:
+                self.work = torch.promote_types(torch.promote_types(self.work, f.B.dtype), f.A.dtype)
+                if f.d_in not in self._X:
+                    self._X[f.d_in] = _probe_matrix(f.d_in, self.probes)
+            elif name not in self.sums:
+                self.sums[name] = LowRankSum(f.d_out, f.d_in, self.dtype, self.device)
+
+        def add(name: str) -> None:
+            f = update.modules[name]
+            if not self.exact:
+                self.sums[name].add(f.B, f.A, weight, f.scale)
+                return
+            work = torch.promote_types(torch.promote_types(torch.promote_types(torch.float32, self.dtype), f.B.dtype), f.A.dtype)
+            term = _probed(f.B, f.A, self._X[f.d_in], work).mul_(weight * f.scale)
+            if name in self.probe_sums:
+                self.probe_sums[name] += term
+            else:
+                self.probe_sums[name] = term
+
+        map_modules(add, list(update.modules))  # one thread per module: the bits do not depend on the thread count
+
+    def probed(self, name: str) -> tuple[Tensor, torch.dtype]:
+        """The exact sum times the probes, and the precision the products were taken in."""
+        return self.probe_sums[name] / self.weight, self.work
 
 
 def _probe_rel_error(B: Tensor, A: Tensor, clients: Sequence[tuple[float, Any]], probes: int, dtype: torch.dtype) -> float:

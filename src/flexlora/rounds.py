@@ -11,23 +11,25 @@ only the target layers' shapes.
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.fold import Loader, RoundFold, memory_stash
 from flexlora.methods import AggregationMethod
 from flexlora.privacy import Mechanism, aggregate_private, epsilon, noise_generator, privatize
 from flexlora.seeds import derived_seed
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
 from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
-from flexlora.validate import ValidationConfig, screen_updates
+from flexlora.validate import ValidationConfig
 
 if TYPE_CHECKING:
     from flexlora.config import RunConfig
@@ -166,14 +168,16 @@ class RoundPlan:
 
 @dataclass
 class RoundOutcome:
-    """What came back: accepted-for-screening updates in client-id order, each selected client's
-    record line (status set), and the reasons for the clients left out."""
+    """What came back: accepted-for-screening updates in client-id order (or, from a runner that
+    folded them as they came, the :class:`~flexlora.fold.RoundFold` from :meth:`RoundEngine.open_fold`),
+    each selected client's record line (status set), and the reasons for the clients left out."""
 
     updates: list[ClientUpdate]
     entries: list[dict[str, Any]]
     dropped: dict[str, list[str]]
     bytes_up: int
     train_seconds: float
+    fold: RoundFold | None = None
 
 
 @dataclass
@@ -267,10 +271,9 @@ class RoundEngine:
         updates pass validation)."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        specs = plan.specs
-        # under clipping, the bound replaces the norm screen (which would let clients decide each other's fate)
-        norm_factor = None if cfg.privacy.clips else cfg.failures.norm_factor
-        accepted, rejected = screen_updates(outcome.updates, self.fed.shapes, specs, ValidationConfig(norm_factor=norm_factor))
+        fold = outcome.fold if outcome.fold is not None else self.fold_updates(plan, outcome.updates)
+        specs = fold.specs
+        accepted_ids, rejected = fold.settle()
         dropped = {**outcome.dropped, **rejected}
         entries = outcome.entries
         for e in entries:
@@ -278,31 +281,79 @@ class RoundEngine:
                 e["status"] = ClientStatus.REJECTED
         rec = RoundRecord(plan.round, entries, dropped, outcome.bytes_up, plan.bytes_down, timings={"train": outcome.train_seconds, "aggregate": 0.0})
         rec.privacy = self.privacy_spent(plan.round)
-        if len(accepted) < max(1, cfg.federation.min_clients):
-            rec.skipped = f"only {len(accepted)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
+        if len(accepted_ids) < max(1, cfg.federation.min_clients):
+            rec.skipped = f"only {len(accepted_ids)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
             return rec, state
-        accepted = self._after_local_training(accepted, specs, entries)
-        terms = accepted  # what the state is the weighted sum of (under DP: the clipped changes and the previous update)
-        if cfg.privacy.clips:
-            terms, new_state, dp_record = self._aggregate_private(plan, state, accepted)
-            rec.privacy = {**dp_record, **(rec.privacy or {})}
+        if fold.streaming:  # folded as they came: the method's client-side step ran on each, its notes are kept now
+            self.client_state = fold.client_state
+            self._apply_notes(fold.notes, specs, entries)
+            new_state = fold.aggregate(plan.round)
         else:
-            new_state = self.method.aggregate(accepted, round=plan.round)
+            accepted = self._after_local_training(fold.accepted_updates, specs, entries)
+            terms = accepted  # what the state is the weighted sum of (under DP: the clipped changes and the previous update)
+            if cfg.privacy.clips:
+                terms, new_state, dp_record = self._aggregate_private(plan, state, accepted)
+                rec.privacy = {**dp_record, **(rec.privacy or {})}
+            else:
+                new_state = self.method.aggregate(accepted, round=plan.round)
         t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
             device = self.method.device  # the dense products run where federation.server_device says; merged stays on the CPU
             for name, gm in new_state.base_delta.items():
                 d = (gm.B.to(device, self.server_dtype) @ gm.A.to(device, self.server_dtype)).cpu()
                 self.merged[name] = self.merged[name] + d if name in self.merged else d
-        weights = [new_state.weights[u.client_id] for u in terms]
-        share_ranks = {n: sorted({specs[u.client_id][n].rank for u in accepted}) for n in self.fed.shapes}
-        report = aggregation_report(new_state, terms, weights, share_ranks, exact=self.method.exact_aggregate)
+        share_ranks = {n: sorted({specs[cid][n].rank for cid in accepted_ids}) for n in self.fed.shapes}
+        if fold.streaming:
+            report = fold.report(new_state, share_ranks)
+        else:
+            weights = [new_state.weights[u.client_id] for u in terms]
+            report = aggregation_report(new_state, terms, weights, share_ranks, exact=self.method.exact_aggregate)
         rec.aggregation = {**summarise(report), "per_layer_type": per_layer_type(report)}
         ok = [e for e in entries if e.get("status") == ClientStatus.OK]
         rec.train_loss = mean([e["loss_mean"] for e in ok])
         rec.tokens = sum(e.get("tokens", 0) for e in ok)
         rec.timings = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
         return rec, new_state
+
+    def open_fold(self, plan: RoundPlan, stash: Callable[[ClientUpdate], Loader] = memory_stash) -> RoundFold:
+        """The round's :class:`~flexlora.fold.RoundFold`: a runner adds each update as it comes (and
+        marks a client that sends nothing ``absent``), in the order of the plan, then passes it to
+        :meth:`close` in ``RoundOutcome.fold``. The method's client-side step after training runs on
+        each update as it is folded, on a copy of the clients' state that :meth:`close` keeps only when
+        the round is aggregated. Under [privacy] clipping every update is held (the clipped sum needs
+        every client's served share and the count) and the round closes as before."""
+        cfg = self.cfg
+        # under clipping, the bound replaces the norm screen (which would let clients decide each other's fate)
+        norm_factor = None if cfg.privacy.clips else cfg.failures.norm_factor
+        shadow = copy.deepcopy(self.client_state)
+        notes: dict[str, dict[str, Any]] = {}
+
+        def prepare(update: ClientUpdate) -> ClientUpdate:
+            out, note = self.method.after_local_training([update], shadow, cfg.train)
+            if len(out) != 1:
+                raise RuntimeError(f"{self.method.name}: after_local_training must return one update per update")
+            notes.update(note)
+            return out[0]
+
+        fold = RoundFold(self.method, self.fed.shapes, ValidationConfig(norm_factor=norm_factor), [p.cid for p in plan.clients],
+                         plan.specs, prepare, stash, hold_all=cfg.privacy.clips)
+        fold.client_state, fold.notes = shadow, notes
+        return fold
+
+    def fold_updates(self, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> RoundFold:
+        """A fold of updates that came all at once, added in the order of the plan as a runner that
+        folds them as they come adds them (so both fold the same bits)."""
+        fold = self.open_fold(plan)
+        by_id = {u.client_id: u for u in updates}
+        for p in plan.clients:
+            u = by_id.pop(p.cid, None)
+            if u is None:
+                fold.absent(p.cid)
+            else:
+                fold.add(u)
+        for u in by_id.values():  # not in the plan: the screen rejects it (no declared ranks) or takes it
+            fold.add(u)
+        return fold
 
     # -- what a checkpoint must keep ------------------------------------------------------------------
     def servable_ranks(self) -> dict[str, int]:
@@ -368,6 +419,12 @@ class RoundEngine:
         """The method's client-side step after training (HetLoRA: rank self-pruning). It depends only on a
         client's own update and state, so running it here gives what the client would have sent."""
         updates, notes = self.method.after_local_training(updates, self.client_state, self.cfg.train)
+        self._apply_notes(notes, specs, entries)
+        return updates
+
+    @staticmethod
+    def _apply_notes(notes: Mapping[str, dict[str, Any]], specs: dict[str, dict[str, ModuleSpec]], entries: list[dict[str, Any]]) -> None:
+        """The method's notes after training into the clients' record lines; pruned ranks into ``specs``."""
         log = {str(e["id"]): e for e in entries}
         for cid, note in notes.items():
             entry = log.get(cid, {})
@@ -376,7 +433,6 @@ class RoundEngine:
             if pruned:
                 specs[cid] = {n: replace(s, rank=pruned.get(n, s.rank)) for n, s in specs[cid].items()}
                 entry["pruned_to"] = rank_summary(specs[cid])
-        return updates
 
 
 # -- small helpers of the record ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from flexlora.diagnostics import spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients, pass_precision
 from flexlora.failures import client_failure, garbage_update
 from flexlora.stats import summary_intervals
+from flexlora.fold import DiskStash
 from flexlora.fsutil import atomic_directory, atomic_write_text, mark_output
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.models import is_low_precision, is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
@@ -368,13 +369,19 @@ class Simulation(SparseWarmup):
         turn (with the configured failures injected), the engine closes it."""
         plan = self.engine.plan(rnd, state)
         self.trainer.cfg = self.method.local_training(self.cfg.train, round=rnd)  # e.g. RoLoRA: the factor this round trains
-        outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=0.0)
+        # each update is folded into the server's running sums as soon as its client has trained (the
+        # server keeps about one dense update, not every client's factors); one the norm screen could
+        # still reject waits in a temporary file
+        fold = self.engine.open_fold(plan, stash=DiskStash())
+        outcome = RoundOutcome(updates=[], entries=[], dropped={}, bytes_up=0, train_seconds=0.0, fold=fold)
         task = bar.add_task(f"round {rnd}: clients", total=len(plan.clients)) if bar is not None else None
         for planned in plan.clients:
             update = self._train_planned(rnd, planned, outcome)
             if update is not None:
-                outcome.updates.append(update)
                 outcome.bytes_up += factor_bytes(update.modules.values())
+                fold.add(update)
+            else:
+                fold.absent(planned.cid)
             outcome.entries.append(planned.entry)
             if bar is not None:
                 bar.advance(task)

@@ -106,12 +106,20 @@ def screen_updates(
         else:
             passed.append(u)
     if config.norm_factor is not None and len(passed) >= 3:
-        norms = {u.client_id: screening_norm(u) for u in passed}
-        median = statistics.median(norms.values())
-        if median > 0:
-            bound = config.norm_factor * median
-            for u in list(passed):
-                if norms[u.client_id] > bound:
-                    rejected[u.client_id] = [f"update norm {norms[u.client_id]:.4g} exceeds {config.norm_factor:g} x the round median {median:.4g}"]
-                    passed.remove(u)
+        by_norm = norm_verdicts({u.client_id: screening_norm(u) for u in passed}, config)
+        rejected.update(by_norm)
+        passed = [u for u in passed if u.client_id not in by_norm]
     return passed, rejected
+
+
+def norm_verdicts(norms: Mapping[str, float], config: ValidationConfig) -> dict[str, list[str]]:
+    """The median screen over the round's valid updates' norms (client id -> norm, in order of
+    arrival): ``{client_id: reason}`` for each norm above ``norm_factor`` x the median. It needs only
+    the norms, so a runner that folds updates as they arrive keeps those alone (:mod:`flexlora.fold`)."""
+    if config.norm_factor is None or len(norms) < 3:
+        return {}
+    median = statistics.median(norms.values())
+    if not median > 0:
+        return {}
+    bound = config.norm_factor * median
+    return {cid: [f"update norm {n:.4g} exceeds {config.norm_factor:g} x the round median {median:.4g}"] for cid, n in norms.items() if n > bound}

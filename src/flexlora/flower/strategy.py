@@ -29,7 +29,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from flexlora.diagnostics import aggregation_report, summarise
+from flexlora.diagnostics import summarise
+from flexlora.fold import RoundFold
 from flexlora.flower.accounting import Traffic
 from flexlora.flower.payloads import LOG, QUERY, arrays_to_tensors, tensors_to_arrays, transport_dtype
 from flexlora.flower.peft_messages import (
@@ -51,7 +52,7 @@ from flexlora.methods import AggregationMethod, get_method
 from flexlora.peft_io import AdapterError, factors_from_state_dict, spec_from_config, state_dict_from_factors, write_adapter
 from flexlora.rounds import rank_summary
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
-from flexlora.validate import ValidationConfig, screen_updates
+from flexlora.validate import ValidationConfig
 
 CLIENT_FIX = (
     "answer the strategy's query and load shares with flexlora.flower.client "
@@ -158,64 +159,70 @@ class FlexLoRAStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Parse and screen the replies, aggregate the good ones with the core method; too few good
-        replies (or an aggregate the method refuses) keep the previous global state."""
+        replies (or an aggregate the method refuses) keep the previous global state. Each reply is
+        folded into the method's running sums as it is parsed (:mod:`flexlora.fold`), in node order:
+        the strategy keeps about one dense update, not every node's factors, and a round's bits do
+        not depend on the order Flower delivers the replies in."""
         rec = self._begin(server_round)
         parsed: dict[str, ParsedReply] = {}
         dropped: dict[str, list[str]] = {}
         replied: set[str] = set()
+        replies = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
+        fold = RoundFold(self.method, self.shapes, ValidationConfig(norm_factor=self.config.norm_factor, max_rank=self.config.max_rank),
+                         [str(m.metadata.src_node_id) for m in replies])
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             replied.add(str(node))
             entry = self.traffic.message(rec, node, "up", msg)
             if msg.has_error():
                 dropped[str(node)] = [self._node_error(server_round, node, str(msg.error.reason or msg.error.code), rec)]
+                fold.absent(str(node))
                 continue
             try:
                 p = parse_reply(msg, self.declared)
             except (AdapterError, UpdateError, KeyError, ValueError, TypeError) as e:
                 dropped[str(node)] = [f"malformed reply: {e}"]
+                fold.absent(str(node))
                 continue
             self.traffic.payload(entry, "up", p.payload_bytes)
             entry["ranks_up"] = rank_summary(p.spec)
-            parsed[str(node)] = p
+            fold.add(p.update, reload=lambda msg=msg: parse_reply(msg, self.declared).update)  # a held update is parsed again from Flower's reply
+            parsed[str(node)] = ParsedReply(ClientUpdate(p.update.client_id, p.update.num_examples, {}), p.spec, p.metrics, p.payload_bytes)
         for node, e in rec["nodes"].items():
             if "ranks_down" in e and node not in replied:
                 dropped[node] = ["no reply within the round's timeout"]
-        accepted, rejected = screen_updates(
-            [p.update for p in parsed.values()], self.shapes, None, ValidationConfig(norm_factor=self.config.norm_factor, max_rank=self.config.max_rank)
-        )
+        accepted_ids, rejected = fold.settle()
         dropped.update(rejected)
         new_state, why = None, None
-        if len(accepted) < self.config.min_good_replies:
-            why = f"only {len(accepted)} valid update(s), fewer than min_good_replies={self.config.min_good_replies}"
+        if len(accepted_ids) < self.config.min_good_replies:
+            why = f"only {len(accepted_ids)} valid update(s), fewer than min_good_replies={self.config.min_good_replies}"
         else:
             try:
-                new_state = self.method.aggregate(accepted, round=server_round)
+                new_state = fold.aggregate(server_round)
             except UpdateError as e:
                 why = f"{self.config.method} cannot aggregate this round's updates: {e}"
         for node, reasons in dropped.items():
             rec["nodes"].setdefault(node, {})["status"] = "dropped"
             LOG.warning("flexlora strategy: round %d: reply from node %s dropped: %s", server_round, node, "; ".join(reasons))
         rec["dropped"] = dropped
-        rec["accepted"] = [u.client_id for u in accepted]
-        metrics = _weighted_metrics([parsed[u.client_id] for u in accepted])
+        rec["accepted"] = list(accepted_ids)
+        metrics = _weighted_metrics([parsed[cid] for cid in accepted_ids])
         if new_state is None:
-            for u in accepted:
-                rec["nodes"][u.client_id]["status"] = "valid, not aggregated"
+            for cid in accepted_ids:
+                rec["nodes"][cid]["status"] = "valid, not aggregated"
             rec["kept_previous_state"] = why
             LOG.warning("flexlora strategy: round %d: %s; the global state of round %d is kept", server_round, why, self.state.round if self.state else 0)
             self._close(rec)
             return None, MetricRecord(metrics) if metrics else None
-        for u in accepted:
-            self.ranks.from_reply(int(u.client_id), parsed[u.client_id].spec)  # served at the ranks it trains at
-            rec["nodes"][u.client_id]["status"] = "ok"
-        weights = [new_state.weights[u.client_id] for u in accepted]
-        rec["aggregation"] = summarise(aggregation_report(new_state, accepted, weights, exact=self.method.exact_aggregate))
+        for cid in accepted_ids:
+            self.ranks.from_reply(int(cid), parsed[cid].spec)  # served at the ranks it trains at
+            rec["nodes"][cid]["status"] = "ok"
+        rec["aggregation"] = summarise(fold.report(new_state))
         self.state = new_state
         if self.config.save_every and server_round % self.config.save_every == 0:
             rec["saved"] = str(self.save_adapter(Path(str(self.config.save_dir)) / f"round-{server_round}"))
         self._close(rec)
-        return self.declared_arrays(), MetricRecord({**metrics, "accepted-replies": len(accepted)})
+        return self.declared_arrays(), MetricRecord({**metrics, "accepted-replies": len(accepted_ids)})
 
     # -- evaluate -----------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

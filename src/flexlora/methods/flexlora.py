@@ -107,7 +107,12 @@ class FlexLoRASum(Accumulator):
         for name, f in update.modules.items():
             if name not in self.sums:
                 self.sums[name] = LowRankSum(f.d_out, f.d_in, m.dtype, m.device, m.svd_path)
+
+        def add(name: str) -> None:
+            f = update.modules[name]
             self.sums[name].add(f.B, f.A, weight, f.scale)
+
+        map_modules(add, list(update.modules), m.device)  # one thread per module: the bits do not depend on the thread count
 
     def finish(self, round: int = 0) -> ServerState:
         p = self.normalised()

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import LowRankSum, Svd, SvdPath, svd_of_sum
+from flexlora.lowrank import LowRankSum, Svd, SvdPath, map_modules, svd_of_sum
 from flexlora.methods.base import Accumulator, AggregationMethod, modules_on_cpu, scaled_factors
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
@@ -89,11 +89,15 @@ class StackedSum(Accumulator):
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
         m = self.method
-        for name in update.modules:
-            sB, A = scaled_factors(update, name, m.dtype, m.device)
+        for name, f in update.modules.items():
             if name not in self.sums:
-                self.sums[name] = LowRankSum(sB.shape[0], A.shape[1], m.dtype, m.device, m.svd_path)
+                self.sums[name] = LowRankSum(f.d_out, f.d_in, m.dtype, m.device, m.svd_path)
+
+        def add(name: str) -> None:
+            sB, A = scaled_factors(update, name, m.dtype, m.device)
             self.sums[name].add(sB, A, weight)  # coefficient p_k on s_k B_k, as aggregate's stack
+
+        map_modules(add, list(update.modules), m.device)  # one thread per module: the bits do not depend on the thread count
 
     def finish(self, round: int = 0) -> ServerState:
         p = self.normalised()

@@ -15,7 +15,11 @@ time excludes generating the updates. Before a child starts, MemAvailable is rea
 configuration is skipped (with the reason recorded) when its estimated peak would not leave 2 GiB.
 Results accumulate in benchmarks/results/server_memory.json (rerun to fill in skipped ones).
 
-    python benchmarks/server_memory.py [--models smollm2-135m,llama-1.3b] [--clients 10,40,80] [--paths before,after] [--timeout 450]
+A model name ``llama-1.3b@4`` takes its first 4 layers only: the per-module shapes are the model's,
+memory and time scale with the number of layers (the full 1.3B round's final SVD alone takes longer
+than a benchmark may hold the 2 shared cores).
+
+    python benchmarks/server_memory.py [--models smollm2-135m,llama-1.3b@4] [--clients 10,40,80] [--paths before,after] [--timeout 450]
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ GiB = 2**30
 
 
 def shapes_of(model: str) -> dict[str, tuple[int, int]]:
-    m = MODELS[model]
+    """``model`` is a key of MODELS, optionally ``@L`` for its first L layers only (time on 2 cores)."""
+    model, _, layers = model.partition("@")
+    m = dict(MODELS[model])
+    if layers:
+        m["layers"] = int(layers)
     h, i, kv = m["hidden"], m["intermediate"], m["kv"]
     per_layer = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
                  "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-CORE = ["flexlora.lowrank", "flexlora.update", "flexlora.methods", "flexlora.diagnostics", "flexlora.validate"]
+CORE = ["flexlora.lowrank", "flexlora.update", "flexlora.methods", "flexlora.diagnostics", "flexlora.validate", "flexlora.fold"]
 FRAMEWORKS = ("transformers", "peft", "flwr", "safetensors", "tokenizers")
 
 

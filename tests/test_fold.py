@@ -43,6 +43,18 @@ FOLDING = [
 SAME_RANK = [("fedavg", {}), ("ffa", {})]
 
 
+def fixed_updates(k: int, same_rank: bool = False, seed: int = 0) -> tuple[list[ClientUpdate], dict[str, tuple[int, int]]]:
+    """k float64 updates at two small modules (ranks 2-4, or 3 for all)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"layers.0.q_proj": (9, 7), "layers.0.down_proj": (6, 11)}
+    updates = []
+    for i in range(k):
+        r = 3 if same_rank else 2 + i % 3
+        updates.append(ClientUpdate(f"c{i}", 5 + 7 * i, {n: LoraFactors(A=torch.randn(r, d_in, generator=g, dtype=torch.float64), B=torch.randn(d_out, r, generator=g, dtype=torch.float64), scale=16 / r)
+                                                       for n, (d_out, d_in) in shapes.items()}))
+    return updates, shapes
+
+
 def total_delta(state: ServerState, name: str) -> torch.Tensor:
     d = state.adapter[name].delta()
     if state.base_delta is not None:
@@ -118,8 +130,7 @@ def test_float32_folds_agree_to_rounding_and_the_dense_path_is_taken():
 
 
 def test_a_refusal_is_raised_by_the_fold_as_by_aggregate():
-    fed = federations(max_clients=3, max_dim=8, max_rank=4).example()
-    updates, _ = fed
+    updates, _ = fixed_updates(1)
     bad = ClientUpdate("x", 5, {n: LoraFactors(A=f.A[:1].clone(), B=f.B[:, :1].clone(), scale=f.scale) for n, f in updates[0].modules.items()})
     padded = ClientUpdate("y", 5, {n: LoraFactors(A=torch.cat([f.A, f.A[:1]]), B=torch.cat([f.B, f.B[:, :1]], dim=1), scale=f.scale) for n, f in updates[0].modules.items()})
     method = get_method("fedavg", dtype=torch.float64)
@@ -143,7 +154,7 @@ def test_methods_that_cannot_fold_hold_and_a_subclass_never_inherits_a_fold():
 
     method = Corrected(dtype=torch.float64)
     assert isinstance(method.accumulator(), HeldUpdates) and not method.folds_updates
-    updates, _ = federations(max_clients=3, same_rank=True).example()
+    updates, _ = fixed_updates(3, same_rank=True)
     assert folded(method, updates).info["corrected"] is True
 
 
@@ -212,7 +223,7 @@ def test_the_screen_drops_the_same_updates_and_the_state_is_todays(fed, outliers
 
 
 def test_an_ordinary_round_holds_only_until_half_has_come_and_nothing_without_a_screen():
-    updates, shapes = federations(max_clients=1, max_dim=8, max_rank=3).example()
+    updates, shapes = fixed_updates(1)
     many = [ClientUpdate(f"c{i}", 5, updates[0].modules) for i in range(10)]
     for factor, most_held in ((100.0, 4), (None, 0)):
         fold = RoundFold(get_method("flexlora"), shapes, ValidationConfig(norm_factor=factor), [u.client_id for u in many])
@@ -224,7 +235,7 @@ def test_an_ordinary_round_holds_only_until_half_has_come_and_nothing_without_a_
 
 
 def test_disk_stash_reads_an_update_back_exactly_and_removes_its_folder():
-    updates, _ = federations(max_clients=1).example()
+    updates, _ = fixed_updates(1)
     stash = DiskStash()
     load = stash(updates[0])
     folder = stash.folder

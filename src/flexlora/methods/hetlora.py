@@ -69,8 +69,10 @@ class HetLoRA(AggregationMethod):
     def uses_weights(self) -> bool:
         return self.weighting in ("data", "norm_x_data")  # "norm" and "client" weigh by update norms alone
 
-    def streaming_accumulator(self) -> "PaddedMean":
-        return PaddedMean(self)
+    def streaming_accumulator(self) -> "PaddedMean | None":
+        """The padded sums folded as updates arrive, for the weightings ``PaddedMean`` knows (any other
+        weighting holds the updates and runs ``aggregate``)."""
+        return PaddedMean(self) if self.weighting in ("norm", "data", "norm_x_data") else None
 
     # -- the client side ---------------------------------------------------------------------------
     def local_penalty(self, train) -> LocalPenalty | None:

@@ -63,6 +63,19 @@ def test_end_to_end_run_writes_metrics_checkpoint_and_adapters(reference_run):
     assert {p.name for p in (out / "final").iterdir()} >= {"global"}
 
 
+def test_the_global_adapter_is_the_final_states_own_factors(reference_run):
+    """Nothing is merged into FlexLoRA's base weights: global/ is the server state's factors bit for bit,
+    at the state's rank (as `flexlora aggregate` writes it), not an SVD of their dense product."""
+    from flexlora.checkpoint import load_checkpoint, state_from_dict
+
+    state = state_from_dict(load_checkpoint(reference_run)["state"])
+    written = read_adapter(reference_run / "final" / "global").modules
+    assert written.keys() == {n for n, gm in state.adapter.items() if gm.rank}
+    for name, f in written.items():
+        gm = state.adapter[name]
+        assert f.scale == 1.0 and torch.equal(f.A, gm.A.float()) and torch.equal(f.B, gm.B.float()), name
+
+
 def test_every_client_trains_at_its_own_ranks(reference_run):
     cfg = load_config(SMOKE)
     types = {**cfg.resources.types}

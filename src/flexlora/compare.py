@@ -1,6 +1,7 @@
 """Several runs on one config and seed, one table and one plot (``flexlora compare``).
 
-The base model and the data are loaded once and shared; each run writes its own folder and is
+The base model and the data are loaded once and shared, and so is the base model's round-0
+evaluation where runs score it on the same examples (:mod:`flexlora.base_eval`); each run writes its own folder and is
 skipped when it already finished with the same config (so a comparison can be resumed).
 """
 
@@ -11,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from flexlora.base_eval import BaseEvaluations
 from flexlora.config import ConfigError, RunConfig, deep_merge, from_dict, validate
 from flexlora.models import load_model
 from flexlora.simulate import Simulation, check_run, config_fingerprint, load_clients
@@ -47,6 +49,7 @@ def run_compare(runs: list[tuple[str, RunConfig]], out: Path, progress: bool = T
     out = Path(out)
     model, tokenizer = load_model(runs[0][1].model)
     data_cache: dict[str, Any] = {}
+    base_evals = BaseEvaluations()  # the base model's round-0 evaluation, scored once for the runs that share it
 
     def clients_of(cfg: RunConfig) -> Any:
         key = json.dumps({**cfg.data.__dict__, "seed": cfg.federation.seed}, sort_keys=True)
@@ -67,7 +70,7 @@ def run_compare(runs: list[tuple[str, RunConfig]], out: Path, progress: bool = T
         if done.exists() and (run_dir / "fingerprint").exists() and (run_dir / "fingerprint").read_text() == config_fingerprint(cfg):
             summaries.append(json.loads(done.read_text()))
             continue
-        sim = Simulation(cfg, run_dir, model=model, tokenizer=tokenizer, clients=clients_of(cfg), progress=progress)
+        sim = Simulation(cfg, run_dir, model=model, tokenizer=tokenizer, clients=clients_of(cfg), progress=progress, base_evals=base_evals)
         try:
             summary = sim.run(resume=True)
         finally:

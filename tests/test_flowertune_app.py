@@ -6,7 +6,6 @@ without it (the load errors of round 1 explained once per node, every node aggre
 
 import json
 import logging
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -124,24 +123,19 @@ def test_under_flowers_simulation_engine(tmp_path):
     lb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lb)
     procs = lb.Processes(tmp_path)
-    port = lb.free_port()
-    env = lb.base_env(tmp_path / "home")
-    env["PYTHONPATH"] = os.pathsep.join([str(APP), env["PYTHONPATH"]])  # the app's package, without installing it
-    try:  # a simulation SuperLink of our own (its PID is ours to stop), not flwr's detached ":local:" one
-        link = procs.start("superlink", [str(lb.BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-                                         "--host", "127.0.0.1", "--port", str(port)], env)
-        lb.wait_for_port(port, link, "the simulation SuperLink")
-        (tmp_path / "home" / "config.toml").write_text(
-            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\noptions.num-supernodes = 4\noptions.backend.client-resources.num-cpus = 1\n'
-        )
+    try:
+        env = lb.start_simulation_superlink(procs, tmp_path / "home")
         rc = run_config(**{"save-path": str(tmp_path / "run"), "node-ranks": ",".join(str(RANKS[n]) for n in sorted(RANKS))})
         (tmp_path / "rc.toml").write_text(tomli_w.dumps(rc))
-        r, _ = lb.flwr_run(APP, tmp_path / "rc.toml", env, timeout=500, log=tmp_path / "flwr-run.log")
+        lb.flwr_run(APP, tmp_path / "rc.toml", env, timeout=500, log=tmp_path / "flwr-run.log", extra=["--federation-config", "num-supernodes=4 client-resources-num-cpus=1"])
     finally:
         procs.stop()
     assert (tmp_path / "run" / "summary.json").exists(), (tmp_path / "flwr-run.log").read_text()[-3000:] + procs.log("superlink")[-3000:]
+    log = (tmp_path / "flwr-run.log").read_text()
+    assert "Starting Flower Simulation" in log and "(4 simulated SuperNodes)" in log, log[-3000:]  # Flower's Simulation Engine, not a deployment
     report = json.loads((tmp_path / "run" / "strategy.json").read_text())
+    assert len(report["rounds"]) == 2
     for rec in report["rounds"]:
         assert len(rec["accepted"]) == 4 and not rec["dropped"]
         assert sorted(e["ranks_down"]["q_proj"] for e in rec["nodes"].values()) == sorted(RANKS.values())
+        assert all(e["ranks_up"] == e["ranks_down"] for e in rec["nodes"].values())

@@ -126,3 +126,13 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def loopback_module():
+    """scripts/flower_loopback.py as a module (the loopback SuperLink / SuperNode helpers)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flower_loopback", RESULTS_DIR.parents[1] / "scripts" / "flower_loopback.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -39,20 +38,13 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, write_json  # noqa: E402
+from _common import RESULTS_DIR, environment, loopback_module, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "flowertune"
 RANKS = [2, 4, 8, 16]  # partition-id -> lora-r (the app declares 16)
 for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("HF_HUB_OFFLINE", "1")):
     os.environ.setdefault(key, value)
-
-
-def _loopback_module():
-    spec = importlib.util.spec_from_file_location("flower_loopback", ROOT / "scripts" / "flower_loopback.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _summary(xs: list[float]) -> dict:
@@ -140,7 +132,7 @@ def main() -> None:
         raise SystemExit('this benchmark needs Ray: pip install "flwr[simulation]"') from None
     env = environment()
     env["versions"].update(flwr=importlib.metadata.version("flwr"), ray=ray_version, transformers=importlib.metadata.version("transformers"), peft=importlib.metadata.version("peft"))
-    lb = _loopback_module()
+    lb = loopback_module()
     work = Path(tempfile.mkdtemp(prefix="flexlora-simulation-bench-"))
     try:
         paths = {"inprocess": run_inprocess(work, args.rounds)}

@@ -328,6 +328,18 @@ def compare_adapters(a: Path, b: Path) -> dict[str, float]:
     return {"max_abs_factor_diff": factor_diff, "max_rel_update_diff": rel, "tensors": len(ta)}
 
 
+def write_run_config(work: Path, rounds: int, run_timeout: float) -> tuple[Path, Path]:
+    """The app's run config for the smoke federation (three clients, all of them every round);
+    returns the run's output folder and the config file."""
+    out = work / "flower-run"
+    run_cfg = work / "run-config.toml"
+    run_cfg.write_text(
+        f'config = "{SMOKE}"\nset = "{"; ".join(OVERRIDES + [f"federation.rounds={rounds}"])}"\nout = "{out}"\n'
+        f"min-nodes = 3\nmin-clients = 3\nround-timeout = {run_timeout}\nnode-wait-timeout = 120.0\n"
+    )
+    return out, run_cfg
+
+
 def check_run(out: Path, types: dict[int, str], r: subprocess.CompletedProcess, work: Path, report: dict) -> None:
     """The run completed, its federation is the three clients with their types, and its global
     adapter equals the simulator's (``work/reference``); records the checks and per-round figures."""
@@ -370,12 +382,7 @@ def run_simulation_engine(rounds: int, work: Path, run_timeout: float) -> dict:
         t0 = time.perf_counter()
         cli_env = start_simulation_superlink(procs, work / "home" / "cli")
         report["startup_seconds"] = round(time.perf_counter() - t0, 2)
-        out = work / "flower-run"
-        run_cfg = work / "run-config.toml"
-        run_cfg.write_text(
-            f'config = "{SMOKE}"\nset = "{"; ".join(OVERRIDES + [f"federation.rounds={rounds}"])}"\nout = "{out}"\n'
-            f"min-nodes = 3\nmin-clients = 3\nround-timeout = {run_timeout}\nnode-wait-timeout = 120.0\n"
-        )
+        out, run_cfg = write_run_config(work, rounds, run_timeout)
         fed = ["--federation-config", f"num-supernodes={len(types)} client-resources-num-cpus=1"]
         r, seconds = flwr_run(APP, run_cfg, cli_env, run_timeout + 180, work / "logs" / "flwr-run.log", extra=fed)
         report["run_seconds"] = round(seconds, 2)
@@ -421,12 +428,7 @@ def run_loopback(tls: bool, rounds: int, work: Path, run_timeout: float) -> dict
             intruder = supernode("intruder", 0, "type4", "node3")
         report["startup_seconds"] = round(time.perf_counter() - t0, 2)
 
-        out = work / "flower-run"
-        run_cfg = work / "run-config.toml"
-        run_cfg.write_text(
-            f'config = "{SMOKE}"\nset = "{"; ".join(OVERRIDES + [f"federation.rounds={rounds}"])}"\nout = "{out}"\n'
-            f"min-nodes = 3\nmin-clients = 3\nround-timeout = {run_timeout}\nnode-wait-timeout = 120.0\n"
-        )
+        out, run_cfg = write_run_config(work, rounds, run_timeout)
         r, seconds = flwr_run(APP, run_cfg, cli_env, run_timeout + 180, work / "logs" / "flwr-run.log")
         report["run_seconds"] = round(seconds, 2)
         check_run(out, types, r, work, report)

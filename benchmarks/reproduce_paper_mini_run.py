@@ -62,6 +62,8 @@ def compare(published: list[dict], again: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--label", default="flexlora-hts-s0")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="only the first N rounds (no evaluation then: the published run evaluates later; the summary is not compared)")
     args = ap.parse_args(argv)
     import paper_mini
 
@@ -76,16 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     base["data"]["path"] = str(path if path.is_absolute() else (ROOT / path).resolve())
     cfg = paper_mini.build_config(base, runs[args.label], None)
     out = ROOT / "runs" / "reproduce" / args.label
+    if args.rounds is not None:  # a prefix of the run: its last round would otherwise evaluate, which the published one did not
+        cfg.federation.rounds, cfg.eval.clients = args.rounds, 0
+        out = out.with_name(f"{args.label}-first{args.rounds}")
     env = environment()
     t0 = time.time()
     Simulation(cfg, out, progress=True).run(resume=True)
     published = [json.loads(line) for line in (paper_mini.OUT / args.label / "metrics.jsonl").read_text().splitlines()]
+    if args.rounds is not None:
+        published = [r for r in published if r.get("round", 0) <= args.rounds]
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = {"environment": env, "label": args.label, "wall_s": time.time() - t0, **compare(published, again)}
     summary_old = json.loads((paper_mini.OUT / args.label / "summary.json").read_text())
     summary_new = json.loads((out / "summary.json").read_text())
-    result["summary"] = {k: {"published": summary_old.get(k), "now": summary_new.get(k)} for k in ("rouge_l_weighted", "rouge_l_mean", "tokens", "final_train_loss", "proxy_eval_loss")}
-    write_json(RESULTS_DIR / f"reproduce_{args.label}.json", result)
+    keys = ("rouge_l_weighted", "rouge_l_mean", "tokens", "final_train_loss", "proxy_eval_loss") if args.rounds is None else ()
+    result["summary"] = {k: {"published": summary_old.get(k), "now": summary_new.get(k)} for k in keys}
+    result["rounds_compared"] = args.rounds
+    write_json(RESULTS_DIR / f"reproduce_{args.label}{'' if args.rounds is None else f'-first{args.rounds}'}.json", result)
     print(json.dumps(result["summary"], indent=1))
     print(f"{result['equal_fields']} fields equal, {len(result['different_fields'])} different (redefined fields listed apart)")
     return 0 if not result["different_fields"] else 1

@@ -74,10 +74,10 @@ def matrix(seeds: list[int]) -> list[Run]:
     runs.append(Run("flora-hts-s0", "3", "FedIT + FLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flora"}})))
     runs.append(Run("rank_partition-hts-s0", "3", "FedIT + rank-partition", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "rank_partition"}})))
     runs.append(
-        Run("fedavg_sgd-flexlora-hts-s0", "3", "FedAvg(SGD) + FlexLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flexlora", "algorithm": "fedavg"}, "train": {"lr": 1e-2}}))
+        Run("fedavg_sgd-flexlora-hts-s0", "3", "FedAvg(SGD) + FlexLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flexlora", "algorithm": "fedavg_sgd"}, "train": {"lr": 1e-2}}))
     )
     runs.append(
-        Run("fedavg_sgd-homo-s0", "3", "FedAvg(SGD) (homogeneous r=8)", "all", 0, {"federation": {"aggregation": "fedavg", "algorithm": "fedavg"}, "resources": {"distribution": "homo"}, "train": {"lr": 1e-2}})
+        Run("fedavg_sgd-homo-s0", "3", "FedAvg(SGD) (homogeneous r=8)", "all", 0, {"federation": {"aggregation": "fedavg", "algorithm": "fedavg_sgd"}, "resources": {"distribution": "homo"}, "train": {"lr": 1e-2}})
     )
     runs.append(Run("slora-flexlora-hts-s0", "3", "SLoRA + FlexLoRA", "heavy-tail-strong", 0, deep_merge(hts, {"federation": {"aggregation": "flexlora", "algorithm": "slora"}})))
     return runs

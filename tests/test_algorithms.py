@@ -62,22 +62,22 @@ def test_slora_masks_respect_their_density_and_are_fixed_per_client(shared, tmp_
     sim = _sim(shared, tmp_path, 'federation.algorithm="slora"')
     client = sim.fed.train_clients[0]
     spec = sim.fed.specs[client.client_id]
-    masks = sim.sparse_masks(client, spec)
+    masks = sim.warmup.masks(client, spec)
     for name, m in masks.items():
         d_out, d_in = m.shape
         density = min(1.0, spec[name].rank * (d_in + d_out) / (d_in * d_out))
         assert abs(float(m.float().mean()) - density) < 4 * (density * (1 - density) / m.numel()) ** 0.5 + 1e-9, name
-        assert torch.equal(m, sim.sparse_masks(client, spec)[name])
+        assert torch.equal(m, sim.warmup.masks(client, spec)[name])
     other = sim.fed.train_clients[1]
-    assert any(not torch.equal(masks[n], sim.sparse_masks(other, spec)[n]) for n in masks)
+    assert any(not torch.equal(masks[n], sim.warmup.masks(other, spec)[n]) for n in masks)
 
 
 def test_slora_stage1_update_stays_on_the_mask(shared, tmp_path):
-    from flexlora.train import train_client_sparse
+    from flexlora.slora import train_client_sparse
 
     sim = _sim(shared, tmp_path, 'federation.algorithm="slora"')
     client = sim.fed.train_clients[0]
-    masks = sim.sparse_masks(client, sim.fed.specs[client.client_id])
+    masks = sim.warmup.masks(client, sim.fed.specs[client.client_id])
     before = {n: sim.model.get_submodule(n).weight.detach().clone() for n in masks}
     res = train_client_sparse(sim.model, sim.tokenizer, client, masks, sim.cfg.train, seed=0)
     for n, d in res.deltas.items():
@@ -96,7 +96,7 @@ def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp
 
     state = state_from_dict(load_checkpoint(tmp_path)["state"])
     assert state.info.get("slora_init") is True
-    for name, delta in list(sim.stage1_delta.items())[:4]:
+    for name, delta in list(sim.warmup.stage1_delta.items())[:4]:
         dense = delta.double()
         U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
         for r in (2, 16):
@@ -120,7 +120,7 @@ def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tm
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     pruned = {str(c["id"]): (r["round"], c["pruned_to"]) for r in recs for c in r["clients"] if "pruned_to" in c}
     assert pruned, "no client pruned its rank"
-    ranks = sim.client_state["hetlora_ranks"]
+    ranks = sim.engine.client_state["hetlora_ranks"]
     assert set(pruned) <= set(ranks)
     for cid, (rnd, to) in pruned.items():
         declared = sim.fed.specs[int(cid)]

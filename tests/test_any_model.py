@@ -25,7 +25,8 @@ from flexlora.config import ConfigError, load_config
 from flexlora.resources import ResourceError, module_group, target_module_names
 from flexlora.simulate import Simulation
 from flexlora.data.types import ClientData, Example
-from flexlora.train import TrainConfig, apply_dense_delta, sparse_mask, train_client_sparse
+from flexlora.slora import sparse_mask, train_client_sparse
+from flexlora.train import TrainConfig, apply_dense_delta
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
 

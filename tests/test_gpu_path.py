@@ -23,10 +23,9 @@ from flexlora.train import (
     TrainConfig,
     apply_dense_delta,
     labelled_token_loss,
-    sparse_mask,
-    train_client_sparse,
     use_deterministic_kernels,
 )
+from flexlora.slora import sparse_mask, train_client_sparse
 from flexlora.update import GlobalModule, LoraFactors, ModuleSpec, ServerState
 
 ROOT = Path(__file__).resolve().parents[1]

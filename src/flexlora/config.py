@@ -10,10 +10,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
+from flexlora.algorithms import ALGORITHMS, algorithm_name
 from flexlora.evaluate import EvalConfig, pass_precision
 from flexlora.methods import METHODS, get_method
 from flexlora.precision import PRECISIONS, resolve_precision
@@ -95,7 +97,7 @@ class FederationConfig:
     """``algorithm`` is the base federated algorithm (local optimiser and init), ``aggregation`` the
     method that combines adapters. ``clients_per_round`` (count) wins over ``fraction``."""
 
-    algorithm: str = "fedit"  # fedit (AdamW) | fedavg (SGD) | slora
+    algorithm: str = "fedit"  # fedit (LoRA, train.optimizer) | fedavg_sgd (LoRA, SGD; was "fedavg") | slora (sparse warm-up, then LoRA)
     aggregation: str = "flexlora"  # the method that combines adapters (flexlora, fedavg, hetlora, flora, ffa, ...)
     method_options: dict[str, Any] = field(default_factory=dict)  # the aggregation method's own options, e.g. { singular_values = "sqrt" }
     rounds: int = 3  # federated rounds
@@ -296,8 +298,12 @@ def validate(cfg: RunConfig) -> None:
         get_method(fed.aggregation, **dict(fed.method_options))
     except ValueError as e:
         raise ConfigError(f"federation.method_options: {e}") from None
-    if fed.algorithm not in ("fedit", "fedavg", "slora"):
-        raise ConfigError(f"federation.algorithm: {fed.algorithm!r} is not one of fedit, fedavg, slora")
+    fed.algorithm, renamed = algorithm_name(fed.algorithm)
+    if renamed:
+        print(renamed, file=sys.stderr)
+    if fed.algorithm not in ALGORITHMS:
+        raise ConfigError(f"federation.algorithm: {fed.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    algorithm = ALGORITHMS[fed.algorithm]
     if fed.rounds < 1:
         raise ConfigError(f"federation.rounds must be >= 1, got {fed.rounds}")
     if fed.clients_per_round is None and fed.fraction is None:
@@ -306,16 +312,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"federation.clients_per_round must be >= 1, got {fed.clients_per_round}")
     if fed.fraction is not None and not 0 < fed.fraction <= 1:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
-    if fed.algorithm == "slora":
-        if METHODS[fed.aggregation].restarts_adapter:
-            raise ConfigError(
-                f"federation: slora + {fed.aggregation} makes no sense: {METHODS[fed.aggregation].__name__} restarts LoRA from a fresh init every round, "
-                "discarding SLoRA's initialisation"
-            )
-        if not 1 <= fed.slora_rounds <= fed.rounds:
-            raise ConfigError(f"federation.slora_rounds must be between 1 and rounds ({fed.rounds}), got {fed.slora_rounds}")
-        if fed.slora_lr <= 0:
-            raise ConfigError("federation.slora_lr must be > 0")
+    why = algorithm.check(cfg, METHODS[fed.aggregation].restarts_adapter, METHODS[fed.aggregation].__name__)
+    if why:
+        raise ConfigError(why)
     if fed.server_dtype not in SERVER_DTYPES:
         raise ConfigError(f"federation.server_dtype: {fed.server_dtype!r} is not one of {list(SERVER_DTYPES)} (QR and SVD need them)")
     if tr.optimizer not in ("adamw", "sgd"):
@@ -380,7 +379,7 @@ def validate(cfg: RunConfig) -> None:
         check_quantization(cfg.model, device)
     except ModelError as e:
         raise ConfigError(str(e)) from None
-    merging = fed.aggregation if METHODS[fed.aggregation].merges_into_base else "slora" if fed.algorithm == "slora" else None
+    merging = fed.aggregation if METHODS[fed.aggregation].merges_into_base else fed.algorithm if algorithm.merges_into_base() else None
     if cfg.model.quantization is not None and merging:
         raise ConfigError(
             f"model.quantization: {merging} merges updates into the base weights, "
@@ -401,8 +400,7 @@ def validate(cfg: RunConfig) -> None:
         for option in method.client_options:
             if method.name != fed.aggregation and getattr(tr, option) != getattr(defaults, option):
                 raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
-    if fed.algorithm == "fedavg" and tr.optimizer == "adamw":
-        tr.optimizer = "sgd"  # the paper's FedAvg column trains with SGD
+    algorithm.prescribe(cfg)  # fedavg_sgd: train.optimizer = "sgd" (the paper's FedAvg rows), said in the run's start notes
 
 
 def _validate_privacy(cfg: RunConfig) -> None:
@@ -423,8 +421,6 @@ def _validate_privacy(cfg: RunConfig) -> None:
     if method.dp_release is None:
         ok = sorted(n for n, m in METHODS.items() if m.dp_release is not None)
         raise ConfigError(f"privacy: {fed.aggregation} has no differentially private form here ({method.dp_note}); use one of {ok}")
-    if fed.algorithm == "slora":
-        raise ConfigError("privacy: SLoRA's stage 1 sends sparse full-weight updates, which the DP mechanism does not cover; use fedit or fedavg")
     if fed.min_clients > 1:
         raise ConfigError("privacy: federation.min_clients must be 1 under DP (skipping a round because few clients came would reveal how many did)")
 
@@ -495,6 +491,8 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig, allowed: Sequence[str]
     device = resolve_device(cfg.model.device)
     for key in ("train.precision", "eval.precision"):
         old.setdefault(key, "float32")  # a config written before the option existed trained and scored in float32
+    if "federation.algorithm" in old:  # a config written before an algorithm was renamed (fedavg -> fedavg_sgd)
+        old["federation.algorithm"] = algorithm_name(old["federation.algorithm"])[0]
     for d in (old, new, default):  # "auto" means what it resolves to on this machine
         if d.get("model.dtype") == "auto":
             d["model.dtype"] = here

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import torch
+from torch import Tensor
 
 from flexlora.seeds import derived_seed
 from flexlora.update import ClientUpdate, LoraFactors
@@ -30,11 +31,20 @@ def draw_failure(rng: random.Random, f) -> str | None:
     return None
 
 
+GARBAGE = ("nan", "shape", "norm")
+
+
+def garbage_kind(names, rng: random.Random) -> tuple[str, str]:
+    """Which garbage and in which module (the same draws for LoRA factors and for dense updates)."""
+    kind = rng.choice(list(GARBAGE))
+    ordered = sorted(names)
+    return kind, ordered[rng.randrange(len(ordered))]
+
+
 def garbage_update(update: ClientUpdate, rng: random.Random) -> ClientUpdate:
     """A hostile or broken client: NaN, a wrong shape, or an absurd norm."""
-    kind = rng.choice(["nan", "shape", "norm"])
     modules = dict(update.modules)
-    name = sorted(modules)[rng.randrange(len(modules))]
+    kind, name = garbage_kind(modules, rng)
     f = modules[name]
     if kind == "nan":
         A = f.A.clone()
@@ -45,3 +55,19 @@ def garbage_update(update: ClientUpdate, rng: random.Random) -> ClientUpdate:
     else:
         modules = {n: LoraFactors(g.A * 1e4, g.B * 1e4, g.scale) for n, g in modules.items()}
     return ClientUpdate(update.client_id, update.num_examples, modules, {**update.meta, "garbage": kind})
+
+
+def garbage_deltas(deltas: dict[str, Tensor], rng: random.Random) -> dict[str, Tensor]:
+    """:func:`garbage_update` for dense full-weight updates (SLoRA's stage 1): the same kinds, the
+    absurd norm as large as the factors' (each factor x 1e4)."""
+    out = dict(deltas)
+    kind, name = garbage_kind(out, rng)
+    if kind == "nan":
+        out[name] = out[name].clone()
+        out[name][0, 0] = float("nan")
+    elif kind == "shape":
+        d_out, d_in = out[name].shape
+        out[name] = torch.zeros(d_out, d_in + 1)
+    else:
+        out = {n: d * 1e8 for n, d in out.items()}
+    return out

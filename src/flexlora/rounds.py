@@ -28,7 +28,7 @@ from flexlora.methods import AggregationMethod
 from flexlora.privacy import Mechanism, aggregate_private, epsilon, noise_generator, privatize
 from flexlora.seeds import derived_seed
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES, BudgetPolicy, RankPolicy, assign_types
-from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState
+from flexlora.update import ClientUpdate, GlobalModule, LoraFactors, ModuleSpec, ServerState, UpdateError
 from flexlora.validate import ValidationConfig
 
 if TYPE_CHECKING:
@@ -196,13 +196,18 @@ class RoundRecord:
     train_loss: float | None = None
     tokens: int = 0
     privacy: dict[str, Any] | None = None  # clipping, noise and epsilon spent so far (flexlora.privacy)
+    stage: str | None = None  # a stage's rounds (SLoRA's sparse warm-up: "slora-sparse"); None: LoRA rounds
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"round": self.round, "clients": self.clients, "dropped": self.dropped, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        if self.stage is not None:
+            d["stage"] = self.stage
         if self.skipped is not None:
             d["skipped"] = self.skipped
         else:
-            d.update(aggregation=self.aggregation, train_loss=self.train_loss, tokens=self.tokens)
+            d.update(train_loss=self.train_loss, tokens=self.tokens)
+            if self.aggregation is not None:  # a stage without the method's aggregation has no diagnostics
+                d["aggregation"] = self.aggregation
         if self.privacy is not None:
             d["privacy"] = self.privacy
         d["timings"] = dict(self.timings)
@@ -246,19 +251,27 @@ class RoundEngine:
     def _pruned(self, client_id: int | str, spec: dict[str, ModuleSpec]) -> dict[str, ModuleSpec]:
         return dict(self.method.cap_spec(spec, client_id, self.client_state))
 
-    def plan(self, rnd: int, state: ServerState, budgets: Mapping[int, float | None] | None = None) -> RoundPlan:
-        """The round's clients, each with its ranks and its share of ``state``, and the bytes they download."""
+    def plan(self, rnd: int, state: ServerState, budgets: Mapping[int, float | None] | None = None, shares: bool = True) -> RoundPlan:
+        """The round's clients, each with its ranks and its share of ``state``, and the bytes they
+        download; ``shares=False``: no shares (a stage that trains no LoRA counts its own bytes)."""
         started = time.perf_counter()
         base = dict(self.merged)
         base_bytes = tensor_bytes(base.values())
         planned, bytes_down = [], 0
         for client in self.sample(rnd):
             spec = self.spec_for(client, rnd, budget_mib=(budgets or {}).get(client.client_id))
-            share = self.method.share_for(state, spec)
+            share = self.method.share_for(state, spec) if shares else {}
             bytes_down += factor_bytes(share.values()) + base_bytes
             entry = {"id": client.client_id, "type": self.fed.types.get(client.client_id), "n": client.num_examples, "ranks": rank_summary(spec)}
             planned.append(PlannedClient(client, spec, share, entry))
         return RoundPlan(rnd, planned, base, bytes_down, started)
+
+    def too_few(self, accepted: int) -> str:
+        """Why a round with ``accepted`` good updates keeps the global state (fewer than ``min_clients``)."""
+        return f"only {accepted} valid updates, fewer than min_clients={self.cfg.federation.min_clients}; global state unchanged"
+
+    def min_updates(self) -> int:
+        return max(1, self.cfg.federation.min_clients)
 
     def train_seed(self, rnd: int, client_id: int) -> int:
         return derived_seed(self.cfg.federation.seed, "train", rnd, client_id)
@@ -273,7 +286,7 @@ class RoundEngine:
         t_start = time.perf_counter()
         fold = outcome.fold if outcome.fold is not None else self.fold_updates(plan, outcome.updates)
         specs = fold.specs
-        accepted_ids, rejected = fold.settle()
+        accepted_ids, rejected = fold.settle()  # the screen's verdict
         dropped = {**outcome.dropped, **rejected}
         entries = outcome.entries
         for e in entries:
@@ -281,21 +294,26 @@ class RoundEngine:
                 e["status"] = ClientStatus.REJECTED
         rec = RoundRecord(plan.round, entries, dropped, outcome.bytes_up, plan.bytes_down, timings={"train": outcome.train_seconds, "aggregate": 0.0})
         rec.privacy = self.privacy_spent(plan.round)
-        if len(accepted_ids) < max(1, cfg.federation.min_clients):
-            rec.skipped = f"only {len(accepted_ids)} valid updates, fewer than min_clients={cfg.federation.min_clients}; global state unchanged"
+        terms: list[ClientUpdate] = []  # what the state is the weighted sum of (under DP: the clipped changes and the previous update)
+
+        def aggregate() -> ServerState:
+            nonlocal terms
+            if fold.streaming:  # folded as they came: the method's client-side step ran on each, its notes are kept now
+                self.client_state = fold.client_state
+                self._apply_notes(fold.notes, specs, entries)
+                return fold.aggregate(plan.round)
+            terms = self._after_local_training(fold.accepted_updates, specs, entries)
+            if not cfg.privacy.clips:
+                return self.method.aggregate(terms, round=plan.round)
+            terms, private_state, dp_record = self._aggregate_private(plan, state, terms)
+            rec.privacy = {**dp_record, **(rec.privacy or {})}
+            return private_state
+
+        closing = close_step((accepted_ids, rejected), self.min_updates(), aggregate, self.too_few, self.method.name)
+        if closing.state is None:
+            rec.skipped = closing.skipped
             return rec, state
-        if fold.streaming:  # folded as they came: the method's client-side step ran on each, its notes are kept now
-            self.client_state = fold.client_state
-            self._apply_notes(fold.notes, specs, entries)
-            new_state = fold.aggregate(plan.round)
-        else:
-            accepted = self._after_local_training(fold.accepted_updates, specs, entries)
-            terms = accepted  # what the state is the weighted sum of (under DP: the clipped changes and the previous update)
-            if cfg.privacy.clips:
-                terms, new_state, dp_record = self._aggregate_private(plan, state, accepted)
-                rec.privacy = {**dp_record, **(rec.privacy or {})}
-            else:
-                new_state = self.method.aggregate(accepted, round=plan.round)
+        new_state = closing.state
         t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
             device = self.method.device  # the dense products run where federation.server_device says; merged stays on the CPU
@@ -433,6 +451,33 @@ class RoundEngine:
             if pruned:
                 specs[cid] = {n: replace(s, rank=pruned.get(n, s.rank)) for n, s in specs[cid].items()}
                 entry["pruned_to"] = rank_summary(specs[cid])
+
+
+# -- the server's close step ------------------------------------------------------------------------------
+@dataclass
+class Closing:
+    """What the close step decided: the accepted and rejected clients, and the new state, or why
+    there is none (the previous state is kept)."""
+
+    accepted: list[str]
+    rejected: dict[str, list[str]]
+    state: Any  # what ``aggregate`` made (a ServerState; SLoRA's stage: its dense mean), None when skipped
+    skipped: str | None = None
+
+
+def close_step(verdict: tuple[list[str], dict[str, list[str]]], minimum: int, aggregate: Callable[[], Any], too_few: Callable[[int], str],
+               name: str) -> Closing:
+    """The server's half of a round, for every runner (the round engine, the Strategy, SLoRA's stage):
+    the screen's ``verdict`` (accepted ids, rejected ids with reasons), enough good updates?, then
+    ``aggregate``. ``too_few(n)`` words a round with fewer than ``minimum`` accepted updates; an
+    aggregate that method ``name`` refuses (``UpdateError``) keeps the previous state too."""
+    accepted, rejected = verdict
+    if len(accepted) < minimum:
+        return Closing(accepted, rejected, None, too_few(len(accepted)))
+    try:
+        return Closing(accepted, rejected, aggregate())
+    except UpdateError as e:
+        return Closing(accepted, rejected, None, f"{name} cannot aggregate this round's updates: {e}")
 
 
 # -- small helpers of the record ------------------------------------------------------------------------

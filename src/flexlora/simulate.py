@@ -46,6 +46,7 @@ from flexlora.rounds import (
 )
 from flexlora.seeds import derived_seed
 from flexlora.slora import SparseWarmup
+from flexlora.algorithms import get_algorithm
 from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta, use_deterministic_kernels
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 
@@ -123,7 +124,7 @@ def check_run(cfg: RunConfig, model, clients: list[ClientData]) -> tuple[Aggrega
     return method, federation
 
 
-class Simulation(SparseWarmup):
+class Simulation:
     """A federated run in one process. ``run()`` is resumable at round granularity."""
 
     def __init__(
@@ -144,6 +145,8 @@ class Simulation(SparseWarmup):
         self.method, federation = check_run(cfg, self.model, self.clients)
         self.engine = RoundEngine(cfg, federation, self.method, self.server_dtype)
         self.trainer = LocalTrainer(self.model, self.tokenizer, cfg.lora.targets, self.method.local_training(cfg.train), self.method.local_penalty(cfg.train))
+        self.algorithm = get_algorithm(cfg.federation.algorithm)
+        self.warmup = SparseWarmup(self.engine, self.trainer) if self.algorithm.sparse_warmup else None  # SLoRA's stage 1
         # original weights of every target layer, in host memory (not a second copy on the accelerator):
         # evaluation and FLoRA merges set W = W0 + delta exactly (in float32 for a bfloat16 base, see
         # apply_dense_delta). A quantised or bfloat16/float16 base is evaluated with the global update
@@ -151,36 +154,13 @@ class Simulation(SparseWarmup):
         self.quantized = is_quantized(self.model)
         self.evaluate_as_adapter = self.quantized or is_low_precision(next(self.model.parameters()).dtype)
         # (kept only where something merges: every evaluation of a float32 base, merging methods, SLoRA's stage 1)
-        needs_originals = not self.quantized and (not self.evaluate_as_adapter or self.method.merges_into_base or self.is_sparse_round(1))
+        needs_originals = not self.quantized and (not self.evaluate_as_adapter or self.method.merges_into_base or self.algorithm.merges_into_base())
         self.originals = {n: self.model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in self.fed.shapes} if needs_originals else {}
 
-    # -- the engine's state, seen from the runner ------------------------------------------------------
     @property
     def fed(self) -> Federation:
+        """Who trains and is evaluated (the engine's: the Flower server replaces it with its nodes)."""
         return self.engine.fed
-
-    @property
-    def merged(self) -> dict[str, Tensor]:
-        """The cumulative update merged into the base weights (FLoRA, SLoRA stage 1)."""
-        return self.engine.merged
-
-    @merged.setter
-    def merged(self, value: dict[str, Tensor]) -> None:
-        self.engine.merged = value
-
-    @property
-    def client_state(self) -> dict[str, Any]:
-        return self.engine.client_state
-
-    @client_state.setter
-    def client_state(self, value: dict[str, Any]) -> None:
-        self.engine.client_state = value
-
-    def sample(self, rnd: int) -> list[ClientData]:
-        return self.engine.sample(rnd)
-
-    def spec_for(self, client: ClientData, rnd: int, budget_mib: float | None = None) -> dict[str, ModuleSpec]:
-        return self.engine.spec_for(client, rnd, budget_mib)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False, round_fn: RoundFn | None = None) -> dict[str, Any]:
@@ -213,8 +193,8 @@ class Simulation(SparseWarmup):
         history: list[dict[str, Any]] = []
         if ckpt is not None:
             state = state_from_dict(ckpt["state"])
-            self.merged = ckpt["merged"]
-            self.client_state = ckpt["client_state"]
+            self.engine.merged = ckpt["merged"]
+            self.engine.client_state = ckpt["client_state"]
             start_round = ckpt["round"] + 1
             history = read_metrics(self.out / METRICS, upto=ckpt["round"])
             if ckpt.get("record") and (not history or history[-1].get("round", 0) < ckpt["round"]):
@@ -271,11 +251,12 @@ class Simulation(SparseWarmup):
         rounds_task = bar.add_task(f"{cfg.name}: rounds", total=cfg.federation.rounds, completed=start_round - 1)
         for rnd in range(start_round, cfg.federation.rounds + 1):
             t_round = time.perf_counter()
-            if self.is_sparse_round(rnd):
-                rec = self.run_sparse_round(rnd, bar)
-                if rnd == cfg.federation.slora_rounds:
-                    state = self.slora_transition(rnd)
+            if self.warmup is not None and self.warmup.covers(rnd):  # SLoRA's stage 1: sparse full weights merged into the base
+                rec = self.warmup.run_round(rnd, state, bar).to_dict()
+                if self.warmup.is_last(rnd):  # its update becomes the LoRA initialisation; the base weights go back
+                    state = self.warmup.transition(rnd)
                     rec["slora_transition"] = summarise(aggregation_spectra(state))
+                self._set_base_weights()
             else:
                 rec, state = round_fn(rnd, state, bar)
             evaluate_now = (cfg.eval.every and rnd % cfg.eval.every == 0) or rnd == cfg.federation.rounds
@@ -293,8 +274,8 @@ class Simulation(SparseWarmup):
                 "round": rnd,
                 "fingerprint": fingerprint,
                 "config": cfg.to_dict(),
-                "merged": dict(self.merged),
-                "client_state": copy.deepcopy(self.client_state),
+                "merged": dict(self.engine.merged),
+                "client_state": copy.deepcopy(self.engine.client_state),
                 "record": copy.deepcopy(rec),
             }
             last_round = rnd == cfg.federation.rounds
@@ -429,13 +410,13 @@ class Simulation(SparseWarmup):
 
     def global_deltas(self, state: ServerState) -> dict[str, Tensor]:
         """Everything the global model adds to the original base weights."""
-        deltas = {n: d.clone() for n, d in self.merged.items()}
+        deltas = {n: d.clone() for n, d in self.engine.merged.items()}
         for name, d in self.adapter_deltas(state).items():
             deltas[name] = deltas[name].to(d.device) + d if name in deltas else d
         return deltas
 
     def _set_base_weights(self, extra: dict[str, Tensor] | None = None) -> None:
-        deltas = dict(self.merged)
+        deltas = dict(self.engine.merged)
         for name, d in (extra or {}).items():
             deltas[name] = deltas[name].to(d.device) + d if name in deltas else d
         apply_dense_delta(self.model, deltas, self.originals)
@@ -457,7 +438,7 @@ class Simulation(SparseWarmup):
         model itself; with ``base_evals`` a run whose model, held-out examples and eval settings match
         an earlier run's (:func:`flexlora.base_eval.evaluation_key`) takes that run's record instead of
         scoring the same thing again (``shared_from`` names the run)."""
-        if self.base_evals is None or self.merged or any(gm.rank for gm in state.adapter.values()):
+        if self.base_evals is None or self.engine.merged or any(gm.rank for gm in state.adapter.values()):
             return self.evaluate(state)
         cfg = self.cfg.eval
         ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
@@ -546,10 +527,10 @@ class Simulation(SparseWarmup):
         it); only a merged one (FLoRA, SLoRA's stage 1, FedEx's residual) is the dense sum's SVD."""
         factors, specs = {}, {}
         for name, gm in state.adapter.items():
-            if gm.rank and name not in self.merged:
+            if gm.rank and name not in self.engine.merged:
                 factors[name] = LoraFactors(A=gm.A.float().cpu(), B=gm.B.float().cpu(), scale=1.0)
                 specs[name] = ModuleSpec(rank=gm.rank, alpha=float(gm.rank))
-        deltas = {n: d for n, d in (self.global_deltas(state) if self.merged else {}).items() if n not in factors}
+        deltas = {n: d for n, d in (self.global_deltas(state) if self.engine.merged else {}).items() if n not in factors}
         device = self.method.device  # the final dense SVDs run on the server's device
         for name, d in deltas.items():
             U, S, Vh = (t.cpu() for t in torch.linalg.svd(d.to(device), full_matrices=False))

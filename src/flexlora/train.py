@@ -180,7 +180,7 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-class _LossLog:
+class LossLog:
     """Per-step training loss, kept on the device and read back once after training (one sync)."""
 
     def __init__(self) -> None:
@@ -203,7 +203,7 @@ class _LossLog:
         return [steps[k] for k in sorted(steps)]
 
 
-class _MicroBatch:
+class MicroBatch:
     """A micro-batch on the device, with the counts that logging needs taken on the host (no sync)."""
 
     def __init__(self, items: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> None:
@@ -391,11 +391,11 @@ class LocalTrainer:
             if resolve_precision(cfg.precision, device) == "bf16-autocast":
                 hooks += self.sum_adapter_in_float32(peft_model, list(spec))
             peft_model.train()
-            loss_log = _LossLog()
+            loss_log = LossLog()
             tokens = padded = 0
             for step_batches in plan:
                 opt.zero_grad(set_to_none=True)
-                micro = [_MicroBatch([data[i] for i in idx], self.tokenizer.pad_token_id, device) for idx in step_batches]
+                micro = [MicroBatch([data[i] for i in idx], self.tokenizer.pad_token_id, device) for idx in step_batches]
                 n_labelled = max(1, sum(m.labelled for m in micro))
                 loss_log.new_step()
                 for m in micro:
@@ -432,99 +432,6 @@ class LocalTrainer:
             "precision": resolve_precision(cfg.precision, device),
         }
         return TrainResult(update=update, metrics=metrics)
-
-
-@dataclass
-class SparseResult:
-    """Stage 1 of SLoRA: a client's masked full-weight update (dense tensors, zero off the mask)."""
-
-    client_id: str
-    num_examples: int
-    deltas: dict[str, Tensor]
-    nnz: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def sparse_mask(shape: tuple[int, int], density: float, seed: int) -> Tensor:
-    """A fixed random mask with the given density (SLoRA's per-client sparse pattern)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=g) < density
-
-
-def train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str, Tensor], cfg: TrainConfig, seed: int) -> SparseResult:
-    """SLoRA stage 1 (Babakniya et al. 2023): train only the masked entries of the target weights.
-
-    The gradient of every target weight is multiplied by its mask, so AdamW (no weight decay)
-    never moves an entry outside it; the update is ``W_after - W_before`` and the weights are
-    restored afterwards, leaving the shared base model as it was. The trained weights are float32
-    masters whatever the model's dtype: an AdamW step of ~lr (5e-5) is below bfloat16's spacing for
-    any ``|w|`` above ~0.016, so in bfloat16 most steps would round away. Running out of
-    accelerator memory raises :class:`ClientOutOfMemory` with the weights restored.
-    """
-    try:
-        return _train_client_sparse(model, tokenizer, client, masks, cfg, seed)
-    except OUT_OF_MEMORY as e:
-        message = str(e).splitlines()[0] if str(e) else "out of memory"
-    release_accelerator_memory()
-    raise ClientOutOfMemory(f"client {client.client_id} ran out of accelerator memory ({message})")
-
-
-def _train_client_sparse(model, tokenizer, client: ClientData, masks: Mapping[str, Tensor], cfg: TrainConfig, seed: int) -> SparseResult:
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    data = tokenize_client(tokenizer, client, cfg)
-    if not data:
-        raise ValueError(f"client {client.client_id} has no training examples")
-    held_here = [name for name in masks if is_low_precision(model.get_submodule(name).weight.dtype)]
-    for name in held_here:
-        hold_in_float32(model.get_submodule(name), True)
-    weights = {name: model.get_submodule(name).weight for name in masks}
-    before = {name: w.detach().clone() for name, w in weights.items()}
-    hooks = []
-    device = _model_device(model)
-    # masks are (d_out, d_in) like every update; a Conv1D weight is stored transposed
-    device_masks = {name: (masks[name].T if weight_is_transposed(model.get_submodule(name)) else masks[name]).to(device) for name in masks}
-    for name, w in weights.items():
-        w.requires_grad_(True)
-        mask = device_masks[name].to(w.dtype)
-        hooks.append(w.register_hook(lambda g, m=mask: g * m))
-    try:
-        params = list(weights.values())
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        model.train()
-        loss_log, tokens = _LossLog(), 0
-        for step_batches in plan_batches([len(ids) for ids, _ in data], cfg, rng):
-            opt.zero_grad(set_to_none=True)
-            micro = [_MicroBatch([data[i] for i in idx], tokenizer.pad_token_id, device) for idx in step_batches]
-            n_labelled = max(1, sum(m.labelled for m in micro))
-            loss_log.new_step()
-            for m in micro:
-                with autocast_for(cfg.precision, device):
-                    loss_sum, _ = labelled_token_loss(model, m.batch)
-                (loss_sum / n_labelled).backward()
-                loss_log.add(loss_sum, n_labelled)
-                tokens += m.tokens
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-        losses = loss_log.per_step()
-        model.eval()
-        deltas = {name: ((w.detach() - before[name]) * device_masks[name]).to("cpu", torch.float32) for name, w in weights.items()}
-        deltas = {name: (d.T.contiguous() if weight_is_transposed(model.get_submodule(name)) else d) for name, d in deltas.items()}
-    finally:
-        for h in hooks:
-            h.remove()
-        with torch.no_grad():
-            for name, w in weights.items():
-                w.requires_grad_(False)
-                w.copy_(before[name])
-        for name in held_here:
-            hold_in_float32(model.get_submodule(name), False)
-    seconds = time.perf_counter() - t0
-    nnz = sum(int(m.sum()) for m in masks.values())
-    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "loss_mean": sum(losses) / len(losses), "steps": len(losses), "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds if seconds else 0.0, "precision": resolve_precision(cfg.precision, device)}
-    return SparseResult(str(client.client_id), client.num_examples, deltas, nnz, metrics)
 
 
 def re_exact(name: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from flexlora.algorithms import ALGORITHMS, get_algorithm
 from flexlora.flower.node import NodeProfile
 from flexlora.flower.payloads import (
     LOG,
@@ -108,10 +109,12 @@ class FlowerServer:
         self.grid = grid
         self.settings = settings
         cfg = settings.run_config()
-        if cfg.federation.algorithm == "slora":
+        algorithm = get_algorithm(cfg.federation.algorithm)
+        if not algorithm.on_flower:
+            runs = " or ".join(n for n, a in ALGORITHMS.items() if a.on_flower)
             raise ConfigError(
-                "federation.algorithm = 'slora' does not run on Flower yet: its sparse first stage trains full weight "
-                "updates that this app does not ship; use fedit or fedavg (any aggregation method works)"
+                f"federation.algorithm = {algorithm.name!r} does not run on Flower yet: its sparse first stage trains full weight "
+                f"updates that this app does not ship; use {runs} (any aggregation method works)"
             )
         self.cfg = cfg
         self.out = Path(settings.out).expanduser().resolve()
@@ -427,9 +430,9 @@ class FlowerServer:
         if kept is not None and kept[0] == last:  # the whole state of the last good round, still in memory
             state = kept[1]
         elif ckpt is not None and int(ckpt["round"]) == last:
-            state, sim.merged = state_from_dict(ckpt["state"]), ckpt["merged"]
+            state, sim.engine.merged = state_from_dict(ckpt["state"]), ckpt["merged"]
         else:
-            state, sim.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
+            state, sim.engine.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
         summary = sim.finish(state, read_metrics(self.out / METRICS, upto=last))
         summary.update(self._flower_summary(), status="stopped", reason=reason, error=reason, last_good_round=last)
         if state.info.get("stored_ranks") == "servable":  # only when restored from a checkpoint between rounds

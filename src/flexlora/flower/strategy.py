@@ -50,7 +50,7 @@ from flexlora.flower.peft_messages import (
 from flexlora.flower.ranks import NodeRanks, first_line
 from flexlora.methods import AggregationMethod, get_method
 from flexlora.peft_io import AdapterError, factors_from_state_dict, spec_from_config, state_dict_from_factors, write_adapter
-from flexlora.rounds import rank_summary
+from flexlora.rounds import close_step, rank_summary
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState, UpdateError
 from flexlora.validate import ValidationConfig
 
@@ -191,16 +191,10 @@ class FlexLoRAStrategy(Strategy):
         for node, e in rec["nodes"].items():
             if "ranks_down" in e and node not in replied:
                 dropped[node] = ["no reply within the round's timeout"]
-        accepted_ids, rejected = fold.settle()
-        dropped.update(rejected)
-        new_state, why = None, None
-        if len(accepted_ids) < self.config.min_good_replies:
-            why = f"only {len(accepted_ids)} valid update(s), fewer than min_good_replies={self.config.min_good_replies}"
-        else:
-            try:
-                new_state = fold.aggregate(server_round)
-            except UpdateError as e:
-                why = f"{self.config.method} cannot aggregate this round's updates: {e}"
+        closing = close_step(fold.settle(), self.config.min_good_replies, lambda: fold.aggregate(server_round),
+                             lambda n: f"only {n} valid update(s), fewer than min_good_replies={self.config.min_good_replies}", self.config.method)
+        accepted_ids, new_state, why = closing.accepted, closing.state, closing.skipped
+        dropped.update(closing.rejected)
         for node, reasons in dropped.items():
             rec["nodes"].setdefault(node, {})["status"] = "dropped"
             LOG.warning("flexlora strategy: round %d: reply from node %s dropped: %s", server_round, node, "; ".join(reasons))

@@ -19,7 +19,8 @@ from _common import RESULTS_DIR, environment, write_json  # noqa: E402
 from flexlora.config import load_config  # noqa: E402
 from flexlora.evaluate import EvalConfig, evaluate_clients  # noqa: E402
 from flexlora.models import load_model  # noqa: E402
-from flexlora.simulate import Simulation, load_clients  # noqa: E402
+from flexlora.data.clients import load_clients  # noqa: E402
+from flexlora.simulate import Simulation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).resolve().parent / "configs" / "paper_mini.toml"

@@ -501,7 +501,8 @@ def main() -> None:
     selected = [r for r in runs if ("all" in tiers or r.tier in tiers) and (not args.only or r.label in args.only.split(","))]
 
     from flexlora.models import load_model
-    from flexlora.simulate import Simulation, load_clients
+    from flexlora.data.clients import load_clients
+    from flexlora.simulate import Simulation
 
     cfg0 = build_config(base, runs[0], None)
     clients = load_clients(cfg0)

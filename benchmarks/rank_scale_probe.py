@@ -31,7 +31,7 @@ from flexlora.config import load_config  # noqa: E402
 from flexlora.methods import FlexLoRA  # noqa: E402
 from flexlora.models import load_model  # noqa: E402
 from flexlora.resources import target_module_names  # noqa: E402
-from flexlora.simulate import load_clients  # noqa: E402
+from flexlora.data.clients import load_clients  # noqa: E402
 from flexlora.train import LocalTrainer, apply_dense_delta, collate, labelled_token_loss, tokenize_client  # noqa: E402
 from flexlora.update import ModuleSpec  # noqa: E402
 

@@ -108,7 +108,8 @@ def fuzz_updates(per_mutation: int) -> dict:
 
 def failing_clients(fractions: list[float], rounds: int) -> list[dict]:
     from flexlora.models import load_model
-    from flexlora.simulate import Simulation, load_clients
+    from flexlora.data.clients import load_clients
+    from flexlora.simulate import Simulation
 
     rows = []
     base = load_config(ROOT / "configs" / "smoke.toml", [f"federation.rounds={rounds}", "federation.clients_per_round=6", "federation.min_clients=2", "eval.eval_loss=true", "eval.at_start=false"])

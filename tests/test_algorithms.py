@@ -10,7 +10,8 @@ from flexlora.checkpoint import load_checkpoint
 from flexlora.config import ConfigError, load_config
 from flexlora.methods import METHODS
 from flexlora.models import load_model
-from flexlora.simulate import Simulation, load_clients
+from flexlora.data.clients import load_clients
+from flexlora.simulate import Simulation
 from flexlora.update import ModuleSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +145,20 @@ def test_rslora_runs_with_alpha_over_sqrt_r(shared, tmp_path):
     specs = [s for spec in sim.fed.specs.values() for s in spec.values()]
     assert specs and all(s.rslora and s.scale == s.alpha / s.rank**0.5 for s in specs)
     assert summary["dropped_updates"] == 0  # PEFT's scaling matched the shares' (load_share checks it)
+
+
+def test_the_old_fedavg_algorithm_name_still_loads_says_its_new_name_and_resumes_old_checkpoints(capsys):
+    from flexlora.algorithms import ALGORITHMS
+    from flexlora.config import config_changes
+
+    old = load_config(SMOKE, ['federation.algorithm="fedavg"'])
+    assert "is now called 'fedavg_sgd'" in capsys.readouterr().err
+    new = load_config(SMOKE, ['federation.algorithm="fedavg_sgd"'])
+    assert capsys.readouterr().err == ""
+    assert old.to_dict() == new.to_dict() and new.train.optimizer == ALGORITHMS["fedavg_sgd"].optimizer == "sgd"
+    saved = new.to_dict()  # config.json of a run made before the rename
+    saved["federation"]["algorithm"] = "fedavg"
+    assert config_changes(saved, new) == []
+    assert config_changes({**saved, "federation": {**saved["federation"], "algorithm": "fedit"}}, new) == ["federation.algorithm: 'fedit' -> 'fedavg_sgd'"]
+    with pytest.raises(ConfigError, match="is not one of fedit, fedavg_sgd, slora"):
+        load_config(SMOKE, ['federation.algorithm="sgd"'])

@@ -7,7 +7,7 @@ import pytest
 
 from flexlora.cli import main
 from flexlora.config import ConfigError, load_config
-from flexlora.simulate import load_clients
+from flexlora.data.clients import load_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")

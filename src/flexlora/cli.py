@@ -144,7 +144,7 @@ def _print_plan(cfg) -> int:
     from flexlora.models import load_tokenizer
     from flexlora.rounds import sample_clients
     from flexlora.seeds import derived_seed
-    from flexlora.simulate import load_clients
+    from flexlora.data.clients import load_clients
     from flexlora.train import tokenize_client, planned_tokens
 
     tokenizer = load_tokenizer(cfg.model)
@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flexlora.fsutil import atomic_write_text
     from flexlora.models import load_model
     from flexlora.rounds import eval_subset
-    from flexlora.simulate import load_clients, why_nothing_to_evaluate
+    from flexlora.data.clients import load_clients, why_nothing_to_evaluate
 
     overrides = _overrides(args)
     if args.data:

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 from flexlora.base_eval import BaseEvaluations
 from flexlora.config import ConfigError, RunConfig, deep_merge, from_dict, validate
 from flexlora.models import load_model
-from flexlora.simulate import Simulation, check_run, config_fingerprint, load_clients
+from flexlora.data.clients import load_clients
+from flexlora.simulate import Simulation, check_run, config_fingerprint
 from flexlora.stats import format_interval, paired_differences, record_intervals, summary_intervals
 
 

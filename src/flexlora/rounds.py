@@ -84,17 +84,29 @@ def build_federation(cfg: "RunConfig", clients: Sequence["ClientData"], shapes: 
     if not train:
         raise ConfigError("the data has no training clients (every client is held out or empty)")
     assert not {c.client_id for c in train} & {c.client_id for c in heldout}
-    policy, types_def = rank_policy(cfg), resource_types(cfg)
+    types_def = resource_types(cfg)
     dist = cfg.resources.custom_distribution or PAPER_DISTRIBUTIONS[cfg.resources.distribution]
     types = assign_types([c.client_id for c in train], dist, seed=derived_seed(cfg.federation.seed, "types"))
+    specs, notes = client_specs(cfg, {cid: types_def[t] for cid, t in types.items()}, shapes, lambda cid: "resources")
+    return Federation(train, eval_subset(heldout, cfg.eval.clients), dict(shapes), types, specs, notes)
+
+
+def client_specs(cfg: "RunConfig", ranks: Mapping[int, Mapping[str, int]], shapes: Mapping[str, tuple[int, int]],
+                 label: Callable[[int], str]) -> tuple[dict[int, dict[str, ModuleSpec]], list[str]]:
+    """Each client's per-module ranks from its resource type's ranks per module group (the config's
+    types, or what a Flower node declares), and the notes on ranks capped at a layer's width;
+    a rank a layer cannot hold is refused in one line that starts with ``label(client_id)``."""
+    from flexlora.config import ConfigError
+
+    policy = rank_policy(cfg)
     specs, notes = {}, set()
-    for cid, t in types.items():
+    for cid, group_ranks in ranks.items():
         try:
-            specs[cid], n = policy.module_ranks(types_def[t], dict(shapes))
+            specs[cid], n = policy.module_ranks(group_ranks, dict(shapes))
         except ValueError as e:
-            raise ConfigError(f"resources: {e}") from None
+            raise ConfigError(f"{label(cid)}: {e}") from None
         notes.update(n)
-    return Federation(train, eval_subset(heldout, cfg.eval.clients), dict(shapes), types, specs, sorted(notes))
+    return specs, sorted(notes)
 
 
 def eval_subset(clients: Sequence["ClientData"], count: int) -> list["ClientData"]:

@@ -19,9 +19,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from flexlora.algorithms import get_algorithm
 from flexlora.base_eval import BaseEvaluations, evaluation_key, model_digest
 from flexlora.checkpoint import CheckpointWriter, load_checkpoint, state_from_dict, state_to_dict
 from flexlora.config import ConfigError, RunConfig, config_changes, config_fingerprint
+from flexlora.data.clients import load_clients, why_nothing_to_evaluate
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary, summarise
 from flexlora.evaluate import EvalConfig, evaluate_clients, pass_precision
@@ -44,72 +46,12 @@ from flexlora.rounds import (
     factor_bytes,
     metrics_entry,
 )
-from flexlora.seeds import derived_seed
 from flexlora.slora import SparseWarmup
-from flexlora.algorithms import get_algorithm
 from flexlora.train import ClientOutOfMemory, LocalTrainer, apply_dense_delta, use_deterministic_kernels
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 
 METRICS = "metrics.jsonl"
 RoundFn = Callable[[int, ServerState, Any], "tuple[dict[str, Any], ServerState]"]
-
-
-def load_clients(cfg: RunConfig) -> list[ClientData]:
-    """The run's clients, held-out ones marked (see :class:`flexlora.config.DataConfig`)."""
-    from flexlora.config import suite_heldout_tasks
-    from flexlora.data.instruct import heldout_count, mark_heldout, seeded_heldout_ids
-    from flexlora.data.ni import read_heldout_file
-
-    d = cfg.data
-    if d.kind == "suite":
-        from flexlora.data.suite import make_suite
-
-        clients = make_suite(d.suite_clients, d.suite_examples, d.suite_eval, seed=cfg.federation.seed, heldout_tasks=suite_heldout_tasks(d))
-        if d.heldout_file:
-            mark_heldout(clients, read_heldout_file(d.heldout_file), d.heldout_file, evaluate_all_records=False)
-    elif d.kind == "ni":
-        from flexlora.data.ni import load_ni
-
-        clients = load_ni(
-            d.path, heldout_file=d.heldout_file, max_train_per_client=d.max_train_per_client, max_eval_per_client=d.max_eval_per_client, on_error=d.on_error
-        )
-    else:
-        from flexlora.data.instruct import load_instruct, partition_by_category, partition_dirichlet
-
-        records = load_instruct(d.path, on_error=d.on_error)
-        if d.partition == "category":
-            clients = partition_by_category(records, eval_fraction=d.eval_fraction, seed=cfg.federation.seed)
-        else:
-            clients = partition_dirichlet(records, d.num_clients, d.dirichlet_alpha, cfg.federation.seed, eval_fraction=d.eval_fraction)
-        if d.heldout_file:
-            ids, source = read_heldout_file(d.heldout_file), d.heldout_file
-        else:
-            k = heldout_count(len(clients), d.heldout_clients, d.heldout_fraction)
-            ids, source = seeded_heldout_ids(clients, k, derived_seed(cfg.federation.seed, "heldout")), "data.heldout_clients"
-        mark_heldout(clients, ids, source, evaluate_all_records=True)
-    return clients
-
-
-def why_nothing_to_evaluate(cfg: RunConfig, clients: list[ClientData]) -> str | None:
-    """None when some held-out client has examples to evaluate; otherwise why not, naming the key to change."""
-    split = cfg.eval.split
-    heldout = [c for c in clients if c.heldout]
-    if cfg.eval.clients == 0:
-        return "eval.clients = 0"
-    if not heldout:
-        d = cfg.data
-        if d.heldout_file:
-            how = f"{d.heldout_file} lists none of the clients"
-        elif d.kind == "ni":
-            how = "the NI data marks none and data.heldout_file is not set"
-        elif d.kind == "instruct" and len(clients) < 2:
-            how = f"the data makes {len(clients)} client, which must train; more clients (data.num_clients) or data.heldout_file"
-        else:
-            how = "data.heldout_clients / data.heldout_fraction hold out none; set one of them (or data.heldout_file)"
-        return f"no held-out clients: {how}"
-    if not any(c.eval if split == "eval" else c.test for c in heldout):
-        return f"the {len(heldout)} held-out clients have no examples in split {split!r} (eval.split)"
-    return None
 
 
 def check_run(cfg: RunConfig, model, clients: list[ClientData]) -> tuple[AggregationMethod, Federation]:
@@ -328,6 +270,7 @@ class Simulation:
         if info["ranks"]:
             order = list(info["groups"])
             lines.append(f"ranks ({' / '.join(order)}) per resource type: " + ", ".join(f"{t} {' / '.join(r.get(g, '-') for g in order)}" for t, r in info["ranks"].items()))
+        lines += self.algorithm.notes()  # what the algorithm sets (fedavg_sgd: the optimiser)
         if self.fed.notes:  # the rank a layer cannot hold is capped (lora.cap_at_width), said before round 1
             lines.append(
                 "ranks above a layer's width are capped at it (a larger rank adds nothing; lora.cap_at_width = false refuses them): "

@@ -68,7 +68,7 @@ class NodeRuntime:
     _cache: dict[str, "NodeRuntime"] = {}
 
     def __init__(self, cfg: "RunConfig", with_model: bool) -> None:
-        from flexlora.simulate import load_clients
+        from flexlora.data.clients import load_clients
 
         self.cfg = cfg
         self.clients = {c.client_id: c for c in load_clients(cfg)}

@@ -244,31 +244,27 @@ class FlowerServer:
         """Make the federation the nodes': their ids, ranks and data sizes."""
         from flexlora.config import ConfigError
         from flexlora.data.types import ClientData
-        from flexlora.rounds import Federation, rank_policy, resource_types
+        from flexlora.rounds import Federation, client_specs, resource_types
 
         fed = self.sim.fed
-        policy, types_def = rank_policy(self.cfg), resource_types(self.cfg)
-        train, types, specs, notes = [], {}, {}, set(fed.notes)
+        types_def = resource_types(self.cfg)
+        train, types, ranks = [], {}, {}
         for cid, p in sorted(self.profiles.items()):
             if p.group_ranks:
-                t, ranks = "custom-" + "-".join(f"{g}{r}" for g, r in sorted(p.group_ranks.items())), p.group_ranks
+                t, group_ranks = "custom-" + "-".join(f"{g}{r}" for g, r in sorted(p.group_ranks.items())), p.group_ranks
             elif p.rank_type:
                 if p.rank_type not in types_def:
                     raise ConfigError(f"node {self.node_of[cid]} (client {cid}) declares rank-type {p.rank_type!r}, not one of {sorted(types_def)}")
-                t, ranks = p.rank_type, types_def[p.rank_type]
+                t, group_ranks = p.rank_type, types_def[p.rank_type]
             elif cid in fed.types:  # Flower's simulation: the type follows from the partition id
                 t = fed.types[cid]
-                ranks = types_def[t]
+                group_ranks = types_def[t]
             else:
                 raise ConfigError(f"node {self.node_of[cid]} (client {cid}) declares no rank-type and its partition id is not a training client of the config")
-            try:
-                specs[cid], n = policy.module_ranks(ranks, fed.shapes)
-            except ValueError as e:
-                raise ConfigError(f"node {self.node_of[cid]} (client {cid}): {e}") from None
-            notes.update(n)
-            types[cid] = t
+            ranks[cid], types[cid] = group_ranks, t
             train.append(ClientData(client_id=cid, category="flower-node", train=[], eval=[], num_train_full=p.num_examples, flags=[f"node:{self.node_of[cid]}"]))
-        self.sim.engine.set_federation(Federation(train, fed.eval_clients, fed.shapes, types, specs, sorted(notes)))
+        specs, notes = client_specs(self.cfg, ranks, fed.shapes, lambda cid: f"node {self.node_of[cid]} (client {cid})")
+        self.sim.engine.set_federation(Federation(train, fed.eval_clients, fed.shapes, types, specs, sorted({*fed.notes, *notes})))
 
     # -- one round ---------------------------------------------------------------------------------
     def round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:

@@ -533,7 +533,7 @@ def main() -> None:
         try:
             sim.run(resume=True)
         finally:
-            sim.restore_base()
+            sim.server.restore_base()
         model = sim.model
         publish(r.label, scratch, {"tier": r.tier, "row": r.row, "column": r.column, "seed": r.seed, "wall_seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, "planned_tokens_note": "tokens = real (non-padding) tokens processed"})
         report(runs, seeds)

@@ -131,7 +131,7 @@ def failing_clients(fractions: list[float], rounds: int) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 summary, completed, error = {}, False, f"{type(e).__name__}: {e}"
             finally:
-                sim.restore_base()
+                sim.server.restore_base()
             model = sim.model
             import json
 

@@ -48,7 +48,7 @@ def test_every_sensible_pair_runs_end_to_end(shared, tmp_path, algorithm, aggreg
     try:
         summary = sim.run()
     finally:
-        sim.restore_base()
+        sim.server.restore_base()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [1, 2]
     assert all(r.get("train_loss") is not None for r in recs)
@@ -80,7 +80,7 @@ def test_slora_stage1_update_stays_on_the_mask(shared, tmp_path):
     client = sim.fed.train_clients[0]
     masks = sim.warmup.masks(client, sim.fed.specs[client.client_id])
     before = {n: sim.model.get_submodule(n).weight.detach().clone() for n in masks}
-    res = train_client_sparse(sim.model, sim.tokenizer, client, masks, sim.cfg.train, seed=0)
+    res = train_client_sparse(sim.model, sim.server.tokenizer, client, masks, sim.cfg.train, seed=0)
     for n, d in res.deltas.items():
         assert float(d[~masks[n]].abs().max()) == 0.0
         assert float(d.abs().max()) > 0
@@ -92,7 +92,7 @@ def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp
     try:
         sim.run()
     finally:
-        sim.restore_base()
+        sim.server.restore_base()
     from flexlora.checkpoint import load_checkpoint, state_from_dict
 
     state = state_from_dict(load_checkpoint(tmp_path)["state"])
@@ -105,7 +105,7 @@ def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp
             ref = (U[:, :r] * S[:r]) @ Vh[:r]
             torch.testing.assert_close(share.scale * share.B.double() @ share.A.double(), ref, atol=1e-9 * float(S[0]) + 1e-12, rtol=1e-6)
     # stage 2 starts from the original base weights (the sparse update now lives in the adapter)
-    for name, w0 in sim.originals.items():
+    for name, w0 in sim.server.originals.items():
         assert torch.equal(sim.model.get_submodule(name).weight, w0)
 
 
@@ -117,7 +117,7 @@ def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tm
     try:
         sim.run()
     finally:
-        sim.restore_base()
+        sim.server.restore_base()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     pruned = {str(c["id"]): (r["round"], c["pruned_to"]) for r in recs for c in r["clients"] if "pruned_to" in c}
     assert pruned, "no client pruned its rank"
@@ -141,7 +141,7 @@ def test_rslora_runs_with_alpha_over_sqrt_r(shared, tmp_path):
     try:
         summary = sim.run()
     finally:
-        sim.restore_base()
+        sim.server.restore_base()
     specs = [s for spec in sim.fed.specs.values() for s in spec.values()]
     assert specs and all(s.rslora and s.scale == s.alpha / s.rank**0.5 for s in specs)
     assert summary["dropped_updates"] == 0  # PEFT's scaling matched the shares' (load_share checks it)

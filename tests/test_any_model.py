@@ -139,7 +139,7 @@ def test_a_gpt2_run_trains_conv1d_layers_says_what_it_trains_and_writes_a_peft_l
     rec = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["aggregation"]["max_rel_error_vs_exact"] < 1e-5
     # the global adapter loads into GPT-2 with PEFT and merges to exactly the run's global model
-    sim.restore_base()
+    sim.server.restore_base()
     base = copy.deepcopy(sim.model)
     config = json.loads((tmp_path / "run" / "final" / "global" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
@@ -147,7 +147,7 @@ def test_a_gpt2_run_trains_conv1d_layers_says_what_it_trains_and_writes_a_peft_l
     from flexlora.checkpoint import load_checkpoint, state_from_dict
 
     ckpt = load_checkpoint(tmp_path / "run")
-    deltas = sim.global_deltas(state_from_dict(ckpt["state"]))
+    deltas = sim.server.global_deltas(state_from_dict(ckpt["state"]))
     ours = copy.deepcopy(base)
     apply_dense_delta(ours, deltas, {n: ours.get_submodule(n).weight.detach().clone() for n in deltas})
     for n in deltas:

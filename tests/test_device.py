@@ -16,7 +16,8 @@ from flexlora.diagnostics import aggregation_report
 from flexlora.lowrank import svd_of_sum
 from flexlora.methods import get_method
 from flexlora.models import resolve_device, resolve_model_dtype
-from flexlora.simulate import Simulation, config_changes
+from flexlora.config import config_changes
+from flexlora.simulate import Simulation
 from flexlora.train import LocalTrainer, TrainConfig
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 

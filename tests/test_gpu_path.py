@@ -110,10 +110,10 @@ def test_evaluating_a_bfloat16_base_with_an_update_matches_the_float32_model_wit
         sim = Simulation(cfg, tmp_path / dtype, progress=False)
         if dtype == "float32":
             state = ServerState(method="flexlora", round=1, adapter={n: GlobalModule(A=torch.randn(8, s[1], generator=g) * 0.3, B=torch.randn(s[0], 8, generator=g) * 0.3) for n, s in sim.fed.shapes.items()})
-            sim.evaluate(ServerState(method="flexlora", round=0, adapter={}))
+            sim.server.evaluate(ServerState(method="flexlora", round=0, adapter={}))
             logits["f32 base"] = seen["logits"]
         before = {n: sim.model.get_submodule(n).weight.detach().clone() for n in sim.fed.shapes}
-        sim.evaluate(state)
+        sim.server.evaluate(state)
         logits[dtype] = seen["logits"]
         if dtype == "bfloat16":
             for n, gm in state.adapter.items():
@@ -194,7 +194,7 @@ def test_a_slora_client_that_runs_out_of_memory_is_dropped_and_the_round_goes_on
     status = [c["status"] for c in first["clients"]]
     assert sorted(status) == ["ok", "oom"] and first["stage"] == "slora-sparse"
     assert "ran out of accelerator memory" in next(iter(first["dropped"].values()))[0]
-    for n, w in sim.originals.items():  # stage 1 over: the base is the original one again
+    for n, w in sim.server.originals.items():  # stage 1 over: the base is the original one again
         assert torch.equal(sim.model.get_submodule(n).weight, w) and not sim.model.get_submodule(n).weight.requires_grad
 
 

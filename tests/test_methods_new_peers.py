@@ -103,7 +103,7 @@ def test_both_run_end_to_end_and_merge_into_the_base_weights(tmp_path, method, e
     try:
         summary = sim.run()
     finally:
-        sim.restore_base()
+        sim.server.restore_base()
     assert summary["dropped_updates"] == 0 and summary["aggregation"] == method
     assert sim.engine.merged  # the residual (FedEx) or the truncated stack (FLoRIST) is in the base weights
     import json

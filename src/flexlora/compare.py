@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from flexlora.base_eval import BaseEvaluations
-from flexlora.config import ConfigError, RunConfig, deep_merge, from_dict, validate
+from flexlora.config import ConfigError, RunConfig, config_fingerprint, deep_merge, from_dict, validate
 from flexlora.models import load_model
 from flexlora.data.clients import load_clients
-from flexlora.simulate import Simulation, check_run, config_fingerprint
+from flexlora.run import check_run
+from flexlora.simulate import Simulation
 from flexlora.stats import format_interval, paired_differences, record_intervals, summary_intervals
 
 
@@ -75,7 +76,7 @@ def run_compare(runs: list[tuple[str, RunConfig]], out: Path, progress: bool = T
         try:
             summary = sim.run(resume=True)
         finally:
-            sim.restore_base()
+            sim.server.restore_base()
         model = sim.model
         (run_dir / "fingerprint").write_text(config_fingerprint(cfg))
         summaries.append(summary)

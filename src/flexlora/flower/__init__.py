@@ -5,10 +5,11 @@ its message format (:mod:`.peft_messages`), each node's ranks (:mod:`.ranks`), i
 (:mod:`.accounting`) and the helpers such a ClientApp imports (:mod:`.client`).
 
 The Flower App in ``flower_app/`` is a thin shell over this module, and this module is a thin
-layer over the same core as the in-process simulator: the server side builds a
-:class:`flexlora.simulate.Simulation` (model, data, federation, method, evaluation, metrics,
-checkpoints, final adapters) and replaces only the local-training loop of a round by messages to
-the nodes; planning, validation, aggregation and diagnostics run in the round engine (:mod:`flexlora.rounds`). The node
+layer over the same core as the in-process simulator: the server side builds the same run parts
+(:func:`flexlora.run.open_run`: model, data, method, round engine, evaluation and final adapters;
+:class:`flexlora.output.RunOutput`: metrics, checkpoints, summary) and runs the same loop
+(:func:`flexlora.run.run_rounds`) with a round whose local training is messages to the nodes;
+planning, validation, aggregation and diagnostics run in the round engine (:mod:`flexlora.rounds`). The node
 side trains with :meth:`flexlora.train.LocalTrainer.train_client`, exactly as the simulator does.
 
 Messages (Flower's Message API, one message per node, so every node gets its own ranks):

@@ -1,5 +1,5 @@
-"""The server side (ServerApp): discover the nodes, then run the simulator's loop with rounds planned
-and closed by the round engine and trained on the nodes."""
+"""The server side (ServerApp): discover the nodes, then run the run's loop (:func:`flexlora.run.run_rounds`)
+with rounds planned and closed by the round engine and trained on the nodes."""
 
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from flexlora.config import RunConfig
     from flexlora.rounds import RoundOutcome, RoundPlan
-    from flexlora.simulate import Simulation
 
 
 @dataclass
@@ -98,13 +97,14 @@ class _Attempt:
 
 
 class FlowerServer:
-    """The ServerApp's work: discover the nodes, then run the simulator's loop with rounds whose
-    local training happens on the nodes."""
+    """The ServerApp's work: discover the nodes, then run the rounds, their local training on the
+    nodes. Built from the round engine, the global model (evaluation, final adapters) and the run
+    folder's writer, as the simulator is."""
 
-    def __init__(self, grid, settings: FlowerSettings, sim: "Simulation | None" = None) -> None:
-        from flexlora.simulate import Simulation
-
+    def __init__(self, grid, settings: FlowerSettings) -> None:
         from flexlora.config import ConfigError
+        from flexlora.output import RunOutput
+        from flexlora.run import open_run
 
         self.grid = grid
         self.settings = settings
@@ -118,7 +118,9 @@ class FlowerServer:
             )
         self.cfg = cfg
         self.out = Path(settings.out).expanduser().resolve()
-        self.sim = sim if sim is not None else Simulation(cfg, self.out, progress=False)
+        self.server = open_run(cfg, progress=False)  # the model evaluates the global state; the federation becomes the nodes'
+        self.engine = self.server.engine
+        self.output = RunOutput(cfg, self.out)
         self.config_json = config_to_json(cfg)
         self.node_of: dict[int, int] = {}  # client id -> the node id that serves it now
         self.profiles: dict[int, NodeProfile] = {}  # client id -> profile
@@ -155,7 +157,7 @@ class FlowerServer:
         self.live = set(nodes)
         self.apply_profiles()
         for cid, p in sorted(self.profiles.items()):
-            LOG.info("flexlora: node %s = client %d, type %s, %d examples", self.node_of[cid], cid, self.sim.fed.types[cid], p.num_examples)
+            LOG.info("flexlora: node %s = client %d, type %s, %d examples", self.node_of[cid], cid, self.engine.fed.types[cid], p.num_examples)
 
     def _query(self, nodes: list[int]) -> dict[int, NodeProfile]:
         """Ask ``nodes`` who they are; returns the profiles of those that answered well. A node is
@@ -246,7 +248,7 @@ class FlowerServer:
         from flexlora.data.types import ClientData
         from flexlora.rounds import Federation, client_specs, resource_types
 
-        fed = self.sim.fed
+        fed = self.engine.fed
         types_def = resource_types(self.cfg)
         train, types, ranks = [], {}, {}
         for cid, p in sorted(self.profiles.items()):
@@ -264,12 +266,12 @@ class FlowerServer:
             ranks[cid], types[cid] = group_ranks, t
             train.append(ClientData(client_id=cid, category="flower-node", train=[], eval=[], num_train_full=p.num_examples, flags=[f"node:{self.node_of[cid]}"]))
         specs, notes = client_specs(self.cfg, ranks, fed.shapes, lambda cid: f"node {self.node_of[cid]} (client {cid})")
-        self.sim.engine.set_federation(Federation(train, fed.eval_clients, fed.shapes, types, specs, sorted({*fed.notes, *notes})))
+        self.engine.set_federation(Federation(train, fed.eval_clients, fed.shapes, types, specs, sorted({*fed.notes, *notes})))
 
     # -- one round ---------------------------------------------------------------------------------
     def round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:
-        """``Simulation.run``'s round: train on the nodes (retrying a round without enough
-        replies), then the simulator's server half."""
+        """One round: train on the nodes (retrying a round without enough replies), then the
+        engine's server half."""
         s = self.settings
         failed: list[dict[str, Any]] = []
         for attempt in range(1, s.round_retries + 2):
@@ -285,7 +287,7 @@ class FlowerServer:
                 f"round {rnd}: only {a.replied} of {len(a.plan.clients)} selected node(s) replied in {s.round_retries + 1} attempt(s), "
                 f"fewer than min-clients={self.min_clients}; the run stops and keeps the state of round {rnd - 1}"
             )
-        record, new_state = self.sim.engine.close(a.plan, state, a.outcome)
+        record, new_state = self.engine.close(a.plan, state, a.outcome)
         rec = record.to_dict()
         for cid, reasons in rec["dropped"].items():  # also the updates validation rejected
             LOG.warning("flexlora: round %d: client %s (node %s) left out: %s", rnd, cid, a.nodes.get(cid, {}).get("node_id"), "; ".join(reasons))
@@ -299,7 +301,7 @@ class FlowerServer:
         from flexlora.rounds import RoundOutcome, factor_bytes, metrics_entry
 
         app = _flwr()
-        engine, s = self.sim.engine, self.settings
+        engine, s = self.engine, self.settings
         self.refresh_nodes(rnd)
         plan = engine.plan(rnd, state, budgets={cid: p.budget_mib for cid, p in self.profiles.items()})
         base = app.ArrayRecord({n: app.Array(d.contiguous().numpy()) for n, d in sorted(plan.base.items())}) if plan.base else None
@@ -390,7 +392,9 @@ class FlowerServer:
         `flwr run --stream` exits 0 all the same, `flexlora status OUT` exits 1."""
         try:
             self.discover()
-            summary = self.sim.run(resume=self.settings.resume, round_fn=self.round)
+            from flexlora.run import run_rounds
+
+            summary = run_rounds(self.server, self.output, self.round, resume=self.settings.resume)
         except FlowerRunError as e:
             LOG.error("flexlora: %s", e)
             self._stop(str(e))
@@ -403,7 +407,7 @@ class FlowerServer:
         return {
             "engine": "flower",
             "nodes": {
-                str(cid): {"node_id": self.node_of[cid], "type": self.sim.fed.types[cid], **self.profiles[cid].to_config(), **({"rejoined": self.rejoins[cid]} if cid in self.rejoins else {})}
+                str(cid): {"node_id": self.node_of[cid], "type": self.engine.fed.types[cid], **self.profiles[cid].to_config(), **({"rejoined": self.rejoins[cid]} if cid in self.rejoins else {})}
                 for cid in sorted(self.profiles)
             },
             "min_clients": self.min_clients,
@@ -413,23 +417,23 @@ class FlowerServer:
     def _stop(self, reason: str) -> None:
         """Write the final adapters and summary of the last good state (the last checkpoint)."""
         from flexlora.checkpoint import load_checkpoint, state_from_dict
-        from flexlora.simulate import METRICS, read_metrics
+        from flexlora.output import METRICS, read_metrics
 
-        sim = self.sim
+        engine, server = self.engine, self.server
         if not self.profiles:  # stopped before the federation was set up: nothing trained
             self.out.mkdir(parents=True, exist_ok=True)
             _write_json(self.out / SUMMARY, {"engine": "flower", "status": "stopped", "reason": reason, "error": reason, "last_good_round": 0})
             return
         last = max(0, self.failed_round - 1)
         ckpt = load_checkpoint(self.out) if last else None
-        kept = sim.last_good
+        kept = self.output.last_good
         if kept is not None and kept[0] == last:  # the whole state of the last good round, still in memory
             state = kept[1]
         elif ckpt is not None and int(ckpt["round"]) == last:
-            state, sim.engine.merged = state_from_dict(ckpt["state"]), ckpt["merged"]
+            state, engine.merged = state_from_dict(ckpt["state"]), ckpt["merged"]
         else:
-            state, sim.engine.merged, last = sim.method.initial_state(sim.fed.shapes), {}, 0
-        summary = sim.finish(state, read_metrics(self.out / METRICS, upto=last))
+            state, engine.merged, last = engine.method.initial_state(engine.fed.shapes), {}, 0
+        summary = self.output.finish(server.summary(read_metrics(self.out / METRICS, upto=last)), lambda folder: server.write_global_adapters(state, folder))
         summary.update(self._flower_summary(), status="stopped", reason=reason, error=reason, last_good_round=last)
         if state.info.get("stored_ranks") == "servable":  # only when restored from a checkpoint between rounds
             summary["final_adapters_note"] = "the top singular triplets up to the largest rank any node is served (the checkpoint of a round before the last)"

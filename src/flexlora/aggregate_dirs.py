@@ -18,6 +18,7 @@ import torch
 from flexlora.diagnostics import aggregation_report, summarise
 from flexlora.fsutil import atomic_directory, check_output_folder, mark_output
 from flexlora.methods import get_method
+from flexlora.rounds import close_step
 from flexlora.peft_io import Adapter, AdapterError, read_adapter, write_adapter
 from flexlora.update import LoraFactors, ModuleSpec, UpdateError, normalise_weights
 from flexlora.validate import validate_update
@@ -69,7 +70,13 @@ def aggregate_adapter_dirs(
     notes = rank_notes(adapters)
     for line in notes:  # said before the work, like a run's capping note
         print(f"{method.name}: {line}", file=sys.stderr)
-    state = method.aggregate(updates, weights=p)
+    share_ranks = {n: sorted({a.specs[n].rank for a in adapters}) for n in adapters[0].specs}
+    # the server's close step (flexlora.rounds.close_step): every input passed the screen above, all of them are needed
+    closing = close_step(([u.client_id for u in updates], {}), len(updates), lambda: method.aggregate(updates, weights=p), lambda n: "", method.name,
+                         lambda state: aggregation_report(state, updates, p, share_ranks))
+    if closing.state is None:
+        raise UpdateError(closing.skipped)
+    state, diag = closing.state, closing.report
     t_agg = time.perf_counter()
     # what is written: at least float32 whatever the inputs (a bf16 input must not round the aggregate)
     out_dtype = torch.promote_types(torch.float32, method.dtype)
@@ -91,8 +98,6 @@ def aggregate_adapter_dirs(
         if base_update:
             write_full_rank(tmp / "base_update", {n: LoraFactors(A=gm.A, B=gm.B, scale=1.0) for n, gm in merged.items()}, adapters[0].config, out_dtype)
         t_write = time.perf_counter()
-        share_ranks = {n: sorted({a.specs[n].rank for a in adapters}) for n in adapters[0].specs}
-        diag = aggregation_report(state, updates, p, share_ranks)
         report = {
             "method": method.name,
             "paper": method.paper,
@@ -111,9 +116,9 @@ def aggregate_adapter_dirs(
             "svd_paths": state.info.get("svd_paths"),
             "timings_s": {
                 "read": t_read - t0,
-                "aggregate": t_agg - t_read,
+                "aggregate": t_agg - t_read - closing.seconds["diagnostics"],
                 "write": t_write - t_agg,
-                "diagnostics": time.perf_counter() - t_write,
+                "diagnostics": closing.seconds["diagnostics"],
             },
             "torch": torch.__version__,
         }

@@ -321,28 +321,29 @@ class RoundEngine:
             rec.privacy = {**dp_record, **(rec.privacy or {})}
             return private_state
 
-        closing = close_step((accepted_ids, rejected), self.min_updates(), aggregate, self.too_few, self.method.name)
+        def diagnose(new_state: ServerState) -> dict[str, dict]:
+            share_ranks = {n: sorted({specs[cid][n].rank for cid in accepted_ids}) for n in self.fed.shapes}  # after pruning
+            if fold.streaming:
+                return fold.report(new_state, share_ranks)
+            weights = [new_state.weights[u.client_id] for u in terms]
+            return aggregation_report(new_state, terms, weights, share_ranks, exact=self.method.exact_aggregate)
+
+        closing = close_step((accepted_ids, rejected), self.min_updates(), aggregate, self.too_few, self.method.name, diagnose)
         if closing.state is None:
             rec.skipped = closing.skipped
             return rec, state
         new_state = closing.state
-        t_agg = time.perf_counter()
         if new_state.base_delta is not None:  # the method merges its update into everybody's base weights
             device = self.method.device  # the dense products run where federation.server_device says; merged stays on the CPU
             for name, gm in new_state.base_delta.items():
                 d = (gm.B.to(device, self.server_dtype) @ gm.A.to(device, self.server_dtype)).cpu()
                 self.merged[name] = self.merged[name] + d if name in self.merged else d
-        share_ranks = {n: sorted({specs[cid][n].rank for cid in accepted_ids}) for n in self.fed.shapes}
-        if fold.streaming:
-            report = fold.report(new_state, share_ranks)
-        else:
-            weights = [new_state.weights[u.client_id] for u in terms]
-            report = aggregation_report(new_state, terms, weights, share_ranks, exact=self.method.exact_aggregate)
-        rec.aggregation = {**summarise(report), "per_layer_type": per_layer_type(report)}
+        rec.aggregation = {**summarise(closing.report), "per_layer_type": per_layer_type(closing.report)}
         ok = [e for e in entries if e.get("status") == ClientStatus.OK]
         rec.train_loss = mean([e["loss_mean"] for e in ok])
         rec.tokens = sum(e.get("tokens", 0) for e in ok)
-        rec.timings = {"train": outcome.train_seconds, "aggregate": t_agg - t_start, "diagnostics": time.perf_counter() - t_agg}
+        rec.timings = {"train": outcome.train_seconds, "aggregate": time.perf_counter() - t_start - closing.seconds["diagnostics"],
+                       "diagnostics": closing.seconds["diagnostics"]}
         return rec, new_state
 
     def open_fold(self, plan: RoundPlan, stash: Callable[[ClientUpdate], Loader] = memory_stash) -> RoundFold:
@@ -475,21 +476,28 @@ class Closing:
     rejected: dict[str, list[str]]
     state: Any  # what ``aggregate`` made (a ServerState; SLoRA's stage: its dense mean), None when skipped
     skipped: str | None = None
+    report: dict[str, dict] | None = None  # the diagnostics (flexlora.diagnostics.aggregation_report)
+    seconds: dict[str, float] = field(default_factory=dict)  # aggregate, diagnostics
 
 
 def close_step(verdict: tuple[list[str], dict[str, list[str]]], minimum: int, aggregate: Callable[[], Any], too_few: Callable[[int], str],
-               name: str) -> Closing:
-    """The server's half of a round, for every runner (the round engine, the Strategy, SLoRA's stage):
-    the screen's ``verdict`` (accepted ids, rejected ids with reasons), enough good updates?, then
-    ``aggregate``. ``too_few(n)`` words a round with fewer than ``minimum`` accepted updates; an
-    aggregate that method ``name`` refuses (``UpdateError``) keeps the previous state too."""
+               name: str, diagnose: Callable[[Any], dict[str, dict]] | None = None) -> Closing:
+    """The server's close step, for every place that aggregates (the round engine, the Strategy,
+    SLoRA's stage, ``flexlora aggregate``): the screen's ``verdict`` (accepted ids, rejected ids with
+    reasons) -> enough good updates? -> ``aggregate`` -> ``diagnose`` the new state. ``too_few(n)``
+    words a round with fewer than ``minimum`` accepted updates; an aggregate that method ``name``
+    refuses (``UpdateError``) keeps the previous state too."""
     accepted, rejected = verdict
     if len(accepted) < minimum:
         return Closing(accepted, rejected, None, too_few(len(accepted)))
+    t0 = time.perf_counter()
     try:
-        return Closing(accepted, rejected, aggregate())
+        state = aggregate()
     except UpdateError as e:
-        return Closing(accepted, rejected, None, f"{name} cannot aggregate this round's updates: {e}")
+        return Closing(accepted, rejected, None, f"{name} cannot aggregate these updates: {e}")
+    t1 = time.perf_counter()
+    report = diagnose(state) if diagnose is not None else None
+    return Closing(accepted, rejected, state, report=report, seconds={"aggregate": t1 - t0, "diagnostics": time.perf_counter() - t1})
 
 
 # -- small helpers of the record ------------------------------------------------------------------------

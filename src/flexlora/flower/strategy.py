@@ -192,7 +192,7 @@ class FlexLoRAStrategy(Strategy):
             if "ranks_down" in e and node not in replied:
                 dropped[node] = ["no reply within the round's timeout"]
         closing = close_step(fold.settle(), self.config.min_good_replies, lambda: fold.aggregate(server_round),
-                             lambda n: f"only {n} valid update(s), fewer than min_good_replies={self.config.min_good_replies}", self.config.method)
+                             lambda n: f"only {n} valid update(s), fewer than min_good_replies={self.config.min_good_replies}", self.config.method, fold.report)
         accepted_ids, new_state, why = closing.accepted, closing.state, closing.skipped
         dropped.update(closing.rejected)
         for node, reasons in dropped.items():
@@ -211,7 +211,7 @@ class FlexLoRAStrategy(Strategy):
         for cid in accepted_ids:
             self.ranks.from_reply(int(cid), parsed[cid].spec)  # served at the ranks it trains at
             rec["nodes"][cid]["status"] = "ok"
-        rec["aggregation"] = summarise(fold.report(new_state))
+        rec["aggregation"] = summarise(closing.report)
         self.state = new_state
         if self.config.save_every and server_round % self.config.save_every == 0:
             rec["saved"] = str(self.save_adapter(Path(str(self.config.save_dir)) / f"round-{server_round}"))

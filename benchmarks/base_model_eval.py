@@ -39,14 +39,14 @@ def main() -> None:
     results = {}
     for template in ("alpaca", "chat"):
         ecfg = EvalConfig(**{**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__}, "template": template})
-        r = evaluate_clients(model, tokenizer, sim.fed.eval_clients, ecfg, progress=True).to_dict()
+        r = evaluate_clients(model, tokenizer, sim.server.fed.eval_clients, ecfg, progress=True).to_dict()
         results[template] = r
         print(f"{template:>6}: Rouge-L weighted {r['rouge_l_weighted']:.2f}, mean {r['rouge_l_mean']:.2f}, "
               f"teacher-forced proxy {r.get('proxy_teacher_forced_rouge_l_weighted')}, eval loss proxy {r.get('proxy_eval_loss')}")
     out = {
         "benchmark": "base_model_eval",
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), no fine-tuning",
-        "heldout_subset": {"clients": len(sim.fed.eval_clients), "client_ids": [c.client_id for c in sim.fed.eval_clients], "examples_per_client": args.examples, "rule": "random.Random(0).sample of the held-out clients with eval data"},
+        "heldout_subset": {"clients": len(sim.server.fed.eval_clients), "client_ids": [c.client_id for c in sim.server.fed.eval_clients], "examples_per_client": args.examples, "rule": "random.Random(0).sample of the held-out clients with eval data"},
         "generation": {"greedy": True, "max_new_tokens": cfg.eval.max_new_tokens, "max_prompt_tokens": cfg.eval.max_prompt_tokens},
         "results": {t: {k: v for k, v in r.items() if k != "per_client"} | {"per_client": r["per_client"]} for t, r in results.items()},
         "summary": {t: {"rouge_l_weighted": r["rouge_l_weighted"], "rouge_l_mean": r["rouge_l_mean"]} for t, r in results.items()},

@@ -180,14 +180,14 @@ def run_base_eval(base: dict[str, Any], model, tokenizer, clients, data_path) ->
     sim = Simulation(cfg, SCRATCH / "base", model=model, tokenizer=tokenizer, clients=clients, progress=True)
     ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
     t0 = time.time()
-    result = evaluate_clients(model, tokenizer, sim.fed.eval_clients, ecfg, progress=True).to_dict()
+    result = evaluate_clients(model, tokenizer, sim.server.fed.eval_clients, ecfg, progress=True).to_dict()
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / "base"
     dest.mkdir(exist_ok=True)
     summary = {
         "name": "base", "tier": "ref", "row": "Base model (no fine-tuning)", "column": "all", "seed": 0,
         "rouge_l_weighted": result["rouge_l_weighted"], "rouge_l_mean": result["rouge_l_mean"], "wall_seconds": time.time() - t0,
-        "eval_clients": len(sim.fed.eval_clients), "tokens": 0,
+        "eval_clients": len(sim.server.fed.eval_clients), "tokens": 0,
     }
     (dest / "metrics.jsonl").write_text(json.dumps({"round": 0, "eval": result}, sort_keys=True) + "\n")
     (dest / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
@@ -534,7 +534,7 @@ def main() -> None:
             sim.run(resume=True)
         finally:
             sim.server.restore_base()
-        model = sim.model
+        model = sim.server.model
         publish(r.label, scratch, {"tier": r.tier, "row": r.row, "column": r.column, "seed": r.seed, "wall_seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, "planned_tokens_note": "tokens = real (non-padding) tokens processed"})
         report(runs, seeds)
 

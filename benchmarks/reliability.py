@@ -132,7 +132,7 @@ def failing_clients(fractions: list[float], rounds: int) -> list[dict]:
                 summary, completed, error = {}, False, f"{type(e).__name__}: {e}"
             finally:
                 sim.server.restore_base()
-            model = sim.model
+            model = sim.server.model
             import json
 
             recs = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()] if completed else []

@@ -307,7 +307,7 @@ def reference_run(out: Path, rounds: int) -> dict[int, str]:
     cfg = load_config(SMOKE, OVERRIDES + [f"federation.rounds={rounds}"])
     sim = Simulation(cfg, out, progress=False)
     sim.run()
-    return dict(sim.fed.types)
+    return dict(sim.server.fed.types)
 
 
 def compare_adapters(a: Path, b: Path) -> dict[str, float]:

@@ -61,15 +61,15 @@ def test_every_sensible_pair_runs_end_to_end(shared, tmp_path, algorithm, aggreg
 
 def test_slora_masks_respect_their_density_and_are_fixed_per_client(shared, tmp_path):
     sim = _sim(shared, tmp_path, 'federation.algorithm="slora"')
-    client = sim.fed.train_clients[0]
-    spec = sim.fed.specs[client.client_id]
+    client = sim.server.fed.train_clients[0]
+    spec = sim.server.fed.specs[client.client_id]
     masks = sim.warmup.masks(client, spec)
     for name, m in masks.items():
         d_out, d_in = m.shape
         density = min(1.0, spec[name].rank * (d_in + d_out) / (d_in * d_out))
         assert abs(float(m.float().mean()) - density) < 4 * (density * (1 - density) / m.numel()) ** 0.5 + 1e-9, name
         assert torch.equal(m, sim.warmup.masks(client, spec)[name])
-    other = sim.fed.train_clients[1]
+    other = sim.server.fed.train_clients[1]
     assert any(not torch.equal(masks[n], sim.warmup.masks(other, spec)[n]) for n in masks)
 
 
@@ -77,14 +77,14 @@ def test_slora_stage1_update_stays_on_the_mask(shared, tmp_path):
     from flexlora.slora import train_client_sparse
 
     sim = _sim(shared, tmp_path, 'federation.algorithm="slora"')
-    client = sim.fed.train_clients[0]
-    masks = sim.warmup.masks(client, sim.fed.specs[client.client_id])
-    before = {n: sim.model.get_submodule(n).weight.detach().clone() for n in masks}
-    res = train_client_sparse(sim.model, sim.server.tokenizer, client, masks, sim.cfg.train, seed=0)
+    client = sim.server.fed.train_clients[0]
+    masks = sim.warmup.masks(client, sim.server.fed.specs[client.client_id])
+    before = {n: sim.server.model.get_submodule(n).weight.detach().clone() for n in masks}
+    res = train_client_sparse(sim.server.model, sim.server.tokenizer, client, masks, sim.cfg.train, seed=0)
     for n, d in res.deltas.items():
         assert float(d[~masks[n]].abs().max()) == 0.0
         assert float(d.abs().max()) > 0
-        assert torch.equal(sim.model.get_submodule(n).weight, before[n])  # base weights restored
+        assert torch.equal(sim.server.model.get_submodule(n).weight, before[n])  # base weights restored
 
 
 def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp_path):
@@ -101,12 +101,12 @@ def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp
         dense = delta.double()
         U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
         for r in (2, 16):
-            share = sim.method.share_for(state, {name: ModuleSpec(r, 16.0)})[name]
+            share = sim.server.method.share_for(state, {name: ModuleSpec(r, 16.0)})[name]
             ref = (U[:, :r] * S[:r]) @ Vh[:r]
             torch.testing.assert_close(share.scale * share.B.double() @ share.A.double(), ref, atol=1e-9 * float(S[0]) + 1e-12, rtol=1e-6)
     # stage 2 starts from the original base weights (the sparse update now lives in the adapter)
     for name, w0 in sim.server.originals.items():
-        assert torch.equal(sim.model.get_submodule(name).weight, w0)
+        assert torch.equal(sim.server.model.get_submodule(name).weight, w0)
 
 
 def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tmp_path):
@@ -124,7 +124,7 @@ def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tm
     ranks = sim.engine.client_state["hetlora_ranks"]
     assert set(pruned) <= set(ranks)
     for cid, (rnd, to) in pruned.items():
-        declared = sim.fed.specs[int(cid)]
+        declared = sim.server.fed.specs[int(cid)]
         assert all(ranks[cid][n] <= declared[n].rank for n in declared) and any(ranks[cid][n] < declared[n].rank for n in declared)
         later = [c for r in recs if r["round"] > rnd for c in r["clients"] if str(c["id"]) == cid]
         assert all(max(c["ranks"].values()) <= max(to.values()) for c in later)  # trains at the pruned rank afterwards
@@ -142,7 +142,7 @@ def test_rslora_runs_with_alpha_over_sqrt_r(shared, tmp_path):
         summary = sim.run()
     finally:
         sim.server.restore_base()
-    specs = [s for spec in sim.fed.specs.values() for s in spec.values()]
+    specs = [s for spec in sim.server.fed.specs.values() for s in spec.values()]
     assert specs and all(s.rslora and s.scale == s.alpha / s.rank**0.5 for s in specs)
     assert summary["dropped_updates"] == 0  # PEFT's scaling matched the shares' (load_share checks it)
 

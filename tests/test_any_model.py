@@ -140,7 +140,7 @@ def test_a_gpt2_run_trains_conv1d_layers_says_what_it_trains_and_writes_a_peft_l
     assert rec["aggregation"]["max_rel_error_vs_exact"] < 1e-5
     # the global adapter loads into GPT-2 with PEFT and merges to exactly the run's global model
     sim.server.restore_base()
-    base = copy.deepcopy(sim.model)
+    base = copy.deepcopy(sim.server.model)
     config = json.loads((tmp_path / "run" / "final" / "global" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
     merged = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "run" / "final" / "global")).merge_and_unload()

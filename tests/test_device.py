@@ -181,7 +181,7 @@ def test_a_client_that_runs_out_of_memory_is_dropped_and_the_round_goes_on(tmp_p
     assert status[victims[0]] == "oom" and sum(s == "ok" for s in status.values()) == len(status) - 1
     assert "ran out of accelerator memory" in rec["dropped"][str(victims[0])][0]
     assert summary["dropped_updates"] == 1 and summary["skipped_rounds"] == []
-    assert not hasattr(sim.model, "peft_config")  # no adapter left behind on the shared model
+    assert not hasattr(sim.server.model, "peft_config")  # no adapter left behind on the shared model
 
 
 def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model, tiny_tokenizer):

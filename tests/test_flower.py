@@ -68,7 +68,7 @@ def _metrics(out: Path):
 def _simulate(out: Path, overrides):
     sim = Simulation(load_config(SMOKE, overrides), out, progress=False)
     sim.run()
-    return dict(sim.fed.types)
+    return dict(sim.server.fed.types)
 
 
 def _flower(out: Path, overrides, node_configs, fault=None, grid=None, **run_config):

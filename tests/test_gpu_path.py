@@ -109,18 +109,18 @@ def test_evaluating_a_bfloat16_base_with_an_update_matches_the_float32_model_wit
         cfg = load_config(SMOKE, ["federation.rounds=1", f'model.dtype="{dtype}"'])
         sim = Simulation(cfg, tmp_path / dtype, progress=False)
         if dtype == "float32":
-            state = ServerState(method="flexlora", round=1, adapter={n: GlobalModule(A=torch.randn(8, s[1], generator=g) * 0.3, B=torch.randn(s[0], 8, generator=g) * 0.3) for n, s in sim.fed.shapes.items()})
+            state = ServerState(method="flexlora", round=1, adapter={n: GlobalModule(A=torch.randn(8, s[1], generator=g) * 0.3, B=torch.randn(s[0], 8, generator=g) * 0.3) for n, s in sim.server.fed.shapes.items()})
             sim.server.evaluate(ServerState(method="flexlora", round=0, adapter={}))
             logits["f32 base"] = seen["logits"]
-        before = {n: sim.model.get_submodule(n).weight.detach().clone() for n in sim.fed.shapes}
+        before = {n: sim.server.model.get_submodule(n).weight.detach().clone() for n in sim.server.fed.shapes}
         sim.server.evaluate(state)
         logits[dtype] = seen["logits"]
         if dtype == "bfloat16":
             for n, gm in state.adapter.items():
                 assert seen["factors"][n].dtype == torch.float32
                 torch.testing.assert_close(seen["factors"][n], gm.B @ gm.A, rtol=1e-6, atol=1e-7)
-        assert all(torch.equal(sim.model.get_submodule(n).weight, w) for n, w in before.items())  # base untouched after
-        assert not _lora_layers(sim.model)
+        assert all(torch.equal(sim.server.model.get_submodule(n).weight, w) for n, w in before.items())  # base untouched after
+        assert not _lora_layers(sim.server.model)
     scale = logits["float32"].abs().max()
     assert (logits["bfloat16"] - logits["float32"]).abs().max() < 0.05 * scale
     assert (logits["float32"] - logits["f32 base"]).abs().max() > 0.2 * scale  # the update matters at this tolerance
@@ -195,7 +195,7 @@ def test_a_slora_client_that_runs_out_of_memory_is_dropped_and_the_round_goes_on
     assert sorted(status) == ["ok", "oom"] and first["stage"] == "slora-sparse"
     assert "ran out of accelerator memory" in next(iter(first["dropped"].values()))[0]
     for n, w in sim.server.originals.items():  # stage 1 over: the base is the original one again
-        assert torch.equal(sim.model.get_submodule(n).weight, w) and not sim.model.get_submodule(n).weight.requires_grad
+        assert torch.equal(sim.server.model.get_submodule(n).weight, w) and not sim.server.model.get_submodule(n).weight.requires_grad
 
 
 # -- determinism, config ----------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_clamps_are_said_before_round_1_or_refused(tmp_path, capsys):
     from flexlora.simulate import Simulation
 
     cfg = load_config(SMOKE, [*FAST, "federation.clients_per_round=50", "resources.types.type4.mlp=999"])
-    notes = Simulation(cfg, tmp_path / "x", progress=False).start_notes()
+    notes = Simulation(cfg, tmp_path / "x", progress=False).server.start_notes()
     assert any("federation.clients_per_round = 50 but only 10 clients train: every round trains all 10" in n for n in notes)
     assert any("rank 999 capped at width 64" in n and "lora.cap_at_width = false refuses them" in n for n in notes)
 

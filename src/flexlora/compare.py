@@ -77,7 +77,7 @@ def run_compare(runs: list[tuple[str, RunConfig]], out: Path, progress: bool = T
             summary = sim.run(resume=True)
         finally:
             sim.server.restore_base()
-        model = sim.model
+        model = sim.server.model
         (run_dir / "fingerprint").write_text(config_fingerprint(cfg))
         summaries.append(summary)
     add_paired_differences(summaries, [out / label for label, _ in runs])

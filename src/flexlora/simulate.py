@@ -24,7 +24,7 @@ from flexlora.diagnostics import summarise
 from flexlora.failures import client_failure, garbage_update
 from flexlora.fold import DiskStash
 from flexlora.output import RunOutput
-from flexlora.rounds import ClientStatus, Federation, PlannedClient, RoundOutcome, factor_bytes, metrics_entry
+from flexlora.rounds import ClientStatus, PlannedClient, RoundOutcome, factor_bytes, metrics_entry
 from flexlora.run import aggregation_spectra, open_run, run_rounds
 from flexlora.slora import SparseWarmup
 from flexlora.train import ClientOutOfMemory
@@ -43,18 +43,6 @@ class Simulation:
         self.engine, self.trainer = self.server.engine, self.server.trainer
         self.output = RunOutput(cfg, self.out)
         self.warmup = SparseWarmup(self.engine, self.trainer) if self.server.algorithm.sparse_warmup else None  # SLoRA's stage 1
-
-    @property
-    def fed(self) -> Federation:
-        return self.engine.fed
-
-    @property
-    def model(self):
-        return self.trainer.model
-
-    @property
-    def method(self):
-        return self.engine.method
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) every round (:func:`flexlora.run.run_rounds`); returns the summary."""
@@ -75,7 +63,7 @@ class Simulation:
         """One LoRA round in this process: the engine plans it, the local trainer trains every client
         in turn (with the configured failures injected), the engine closes it."""
         plan = self.engine.plan(rnd, state)
-        self.trainer.cfg = self.method.local_training(self.cfg.train, round=rnd)  # e.g. RoLoRA: the factor this round trains
+        self.trainer.cfg = self.engine.method.local_training(self.cfg.train, round=rnd)  # e.g. RoLoRA: the factor this round trains
         # each update is folded into the server's running sums as soon as its client has trained (the
         # server keeps about one dense update, not every client's factors); one the norm screen could
         # still reject waits in a temporary file

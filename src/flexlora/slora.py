@@ -31,20 +31,17 @@ from torch import Tensor
 from flexlora.data.types import ClientData
 from flexlora.failures import client_failure, garbage_deltas
 from flexlora.models import is_low_precision, model_device, weight_is_transposed
-from flexlora.precision import autocast_for, resolve_precision
+from flexlora.precision import resolve_precision
 from flexlora.rounds import ClientStatus, RoundEngine, RoundRecord, close_step, mean
 from flexlora.seeds import derived_seed
 from flexlora.train import (
     OUT_OF_MEMORY,
     ClientOutOfMemory,
-    LossLog,
-    MicroBatch,
     TrainConfig,
     hold_in_float32,
-    labelled_token_loss,
-    plan_batches,
     release_accelerator_memory,
     tokenize_client,
+    train_steps,
 )
 from flexlora.update import GlobalModule, ModuleSpec, ServerState, all_finite
 from flexlora.validate import ValidationConfig, norm_verdicts
@@ -127,22 +124,7 @@ def train_masked(model, tokenizer, client: ClientData, masks: Mapping[str, Tenso
         params = list(weights.values())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
         model.train()
-        loss_log, tokens = LossLog(), 0
-        for step_batches in plan_batches([len(ids) for ids, _ in data], cfg, rng):
-            opt.zero_grad(set_to_none=True)
-            micro = [MicroBatch([data[i] for i in idx], tokenizer.pad_token_id, device) for idx in step_batches]
-            n_labelled = max(1, sum(m.labelled for m in micro))
-            loss_log.new_step()
-            for m in micro:
-                with autocast_for(cfg.precision, device):
-                    loss_sum, _ = labelled_token_loss(model, m.batch)
-                (loss_sum / n_labelled).backward()
-                loss_log.add(loss_sum, n_labelled)
-                tokens += m.tokens
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-        losses = loss_log.per_step()
+        losses, tokens, _ = train_steps(model, data, tokenizer.pad_token_id, cfg, rng, device, params, opt)
         model.eval()
         deltas = {name: ((w.detach() - before[name]) * device_masks[name]).to("cpu", torch.float32) for name, w in weights.items()}
         deltas = {name: (d.T.contiguous() if weight_is_transposed(model.get_submodule(name)) else d) for name, d in deltas.items()}

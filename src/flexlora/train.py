@@ -180,7 +180,7 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-class LossLog:
+class _LossLog:
     """Per-step training loss, kept on the device and read back once after training (one sync)."""
 
     def __init__(self) -> None:
@@ -203,7 +203,7 @@ class LossLog:
         return [steps[k] for k in sorted(steps)]
 
 
-class MicroBatch:
+class _MicroBatch:
     """A micro-batch on the device, with the counts that logging needs taken on the host (no sync)."""
 
     def __init__(self, items: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> None:
@@ -213,6 +213,34 @@ class MicroBatch:
         self.tokens = int(host["attention_mask"].sum())
         self.padded = host["input_ids"].numel()
         self.batch = to_device(host, device)
+
+
+def train_steps(model, data: Sequence[tuple[list[int], list[int]]], pad_id: int, cfg: TrainConfig, rng: random.Random, device: torch.device,
+                params: list[Tensor], opt: torch.optim.Optimizer, extra_loss=None) -> tuple[list[float], int, int]:
+    """The local steps (nanoGPT-style): length-bucketed micro-batches, the loss over labelled tokens
+    averaged over the step's labelled tokens, ``extra_loss(micro-batches per step)`` added to each
+    micro-batch's loss (a method's penalty), gradient clipping, one optimiser step per step. Returns
+    the per-step losses, the tokens and the padded positions seen. LoRA and SLoRA's sparse stage train with it."""
+    loss_log, tokens, padded = _LossLog(), 0, 0
+    for step_batches in plan_batches([len(ids) for ids, _ in data], cfg, rng):
+        opt.zero_grad(set_to_none=True)
+        micro = [_MicroBatch([data[i] for i in idx], pad_id, device) for idx in step_batches]
+        n_labelled = max(1, sum(m.labelled for m in micro))
+        loss_log.new_step()
+        for m in micro:
+            with autocast_for(cfg.precision, device):
+                loss_sum, _ = labelled_token_loss(model, m.batch)
+            loss = loss_sum / n_labelled
+            if extra_loss is not None:
+                loss = loss + extra_loss(len(micro))
+            loss.backward()
+            loss_log.add(loss_sum, n_labelled)
+            tokens += m.tokens
+            padded += m.padded
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return loss_log.per_step(), tokens, padded
 
 
 def labelled_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -386,32 +414,13 @@ class LocalTrainer:
                 opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             else:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            plan = plan_batches([len(ids) for ids, _ in data], cfg, rng)
             device = _model_device(peft_model)
             if resolve_precision(cfg.precision, device) == "bf16-autocast":
                 hooks += self.sum_adapter_in_float32(peft_model, list(spec))
             peft_model.train()
-            loss_log = LossLog()
-            tokens = padded = 0
-            for step_batches in plan:
-                opt.zero_grad(set_to_none=True)
-                micro = [MicroBatch([data[i] for i in idx], self.tokenizer.pad_token_id, device) for idx in step_batches]
-                n_labelled = max(1, sum(m.labelled for m in micro))
-                loss_log.new_step()
-                for m in micro:
-                    with autocast_for(cfg.precision, device):
-                        loss_sum, _ = labelled_token_loss(peft_model, m.batch)
-                    loss = loss_sum / n_labelled
-                    if self.penalty is not None:
-                        loss = loss + self.penalty.weight / len(micro) * self.penalty.term(pairs)
-                    loss.backward()
-                    loss_log.add(loss_sum, n_labelled)
-                    tokens += m.tokens
-                    padded += m.padded
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-            losses = loss_log.per_step()
+            penalty = self.penalty
+            extra = None if penalty is None else (lambda n_micro: penalty.weight / n_micro * penalty.term(pairs))
+            losses, tokens, padded = train_steps(peft_model, data, self.tokenizer.pad_token_id, cfg, rng, device, params, opt, extra)
             peft_model.eval()
             factors = self.extract(peft_model, list(spec))
         finally:

@@ -16,7 +16,7 @@ from flexlora.base_eval import BaseEvaluations
 from flexlora.config import ConfigError, RunConfig, config_fingerprint, deep_merge, from_dict, validate
 from flexlora.models import load_model
 from flexlora.data.clients import load_clients
-from flexlora.run import check_run
+from flexlora.runner import check_run
 from flexlora.simulate import Simulation
 from flexlora.stats import format_interval, paired_differences, record_intervals, summary_intervals
 

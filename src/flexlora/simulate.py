@@ -7,7 +7,7 @@ produce the same numbers as an uninterrupted one: the checkpoint holds only the 
 the clients' persistent state and, for FLoRA, the update merged into the base weights.
 
 A run is the round engine (:mod:`flexlora.rounds`: who trains at which ranks, the server's close
-step), the local trainer, the global model (:mod:`flexlora.run`: evaluation, final adapters) and the
+step), the local trainer, the global model (:mod:`flexlora.runner`: evaluation, final adapters) and the
 run folder (:mod:`flexlora.output`); :meth:`Simulation.run_round` is one round, read top to bottom.
 """
 
@@ -25,7 +25,7 @@ from flexlora.failures import client_failure, garbage_update
 from flexlora.fold import DiskStash
 from flexlora.output import RunOutput
 from flexlora.rounds import ClientStatus, PlannedClient, RoundOutcome, factor_bytes, metrics_entry
-from flexlora.run import aggregation_spectra, open_run, run_rounds
+from flexlora.runner import aggregation_spectra, open_run, run_rounds
 from flexlora.slora import SparseWarmup
 from flexlora.train import ClientOutOfMemory
 from flexlora.update import ClientUpdate, ServerState
@@ -45,7 +45,7 @@ class Simulation:
         self.warmup = SparseWarmup(self.engine, self.trainer) if self.server.algorithm.sparse_warmup else None  # SLoRA's stage 1
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Run (or resume) every round (:func:`flexlora.run.run_rounds`); returns the summary."""
+        """Run (or resume) every round (:func:`flexlora.runner.run_rounds`); returns the summary."""
         return run_rounds(self.server, self.output, self.run_round, resume)
 
     def run_round(self, rnd: int, state: ServerState, bar=None) -> tuple[dict[str, Any], ServerState]:

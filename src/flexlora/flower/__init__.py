@@ -6,9 +6,9 @@ its message format (:mod:`.peft_messages`), each node's ranks (:mod:`.ranks`), i
 
 The Flower App in ``flower_app/`` is a thin shell over this module, and this module is a thin
 layer over the same core as the in-process simulator: the server side builds the same run parts
-(:func:`flexlora.run.open_run`: model, data, method, round engine, evaluation and final adapters;
+(:func:`flexlora.runner.open_run`: model, data, method, round engine, evaluation and final adapters;
 :class:`flexlora.output.RunOutput`: metrics, checkpoints, summary) and runs the same loop
-(:func:`flexlora.run.run_rounds`) with a round whose local training is messages to the nodes;
+(:func:`flexlora.runner.run_rounds`) with a round whose local training is messages to the nodes;
 planning, validation, aggregation and diagnostics run in the round engine (:mod:`flexlora.rounds`). The node
 side trains with :meth:`flexlora.train.LocalTrainer.train_client`, exactly as the simulator does.
 

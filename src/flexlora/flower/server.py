@@ -1,4 +1,4 @@
-"""The server side (ServerApp): discover the nodes, then run the run's loop (:func:`flexlora.run.run_rounds`)
+"""The server side (ServerApp): discover the nodes, then run the run's loop (:func:`flexlora.runner.run_rounds`)
 with rounds planned and closed by the round engine and trained on the nodes."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class FlowerServer:
     def __init__(self, grid, settings: FlowerSettings) -> None:
         from flexlora.config import ConfigError
         from flexlora.output import RunOutput
-        from flexlora.run import open_run
+        from flexlora.runner import open_run
 
         self.grid = grid
         self.settings = settings
@@ -392,7 +392,7 @@ class FlowerServer:
         `flwr run --stream` exits 0 all the same, `flexlora status OUT` exits 1."""
         try:
             self.discover()
-            from flexlora.run import run_rounds
+            from flexlora.runner import run_rounds
 
             summary = run_rounds(self.server, self.output, self.round, resume=self.settings.resume)
         except FlowerRunError as e:

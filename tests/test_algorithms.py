@@ -162,3 +162,56 @@ def test_the_old_fedavg_algorithm_name_still_loads_says_its_new_name_and_resumes
     assert config_changes({**saved, "federation": {**saved["federation"], "algorithm": "fedit"}}, new) == ["federation.algorithm: 'fedit' -> 'fedavg_sgd'"]
     with pytest.raises(ConfigError, match="is not one of fedit, fedavg_sgd, slora"):
         load_config(SMOKE, ['federation.algorithm="sgd"'])
+
+
+def test_slora_stage_folds_in_plan_order_and_screens_like_a_lora_round(tmp_path):
+    """SLoRA's stage screens its dense updates as the engine screens LoRA ones (shapes, NaN, then the
+    median norm screen) and still sums the accepted ones in the plan's order, holding on disk what the
+    screen could still reject."""
+    from flexlora.slora import DenseFold
+    from flexlora.validate import ValidationConfig
+
+    shapes = {"a": (3, 4), "b": (2, 5)}
+    g = torch.Generator().manual_seed(0)
+    ups = {c: {n: torch.randn(s, generator=g) for n, s in shapes.items()} for c in "pqrst"}
+    ups["s"] = {n: d * 1e8 for n, d in ups["s"].items()}  # an absurd norm
+    ups["t"] = {**ups["t"], "a": torch.full((3, 4), float("nan"))}
+    fold = DenseFold(shapes, torch.float64, ValidationConfig(norm_factor=100.0), list("pqrstu"))
+    for i, c in enumerate("pqrst"):
+        fold.add(c, i + 1, ups[c])
+        assert len(fold.pending) <= i + 1
+    assert fold.folder is not None and any(fold.folder.iterdir())  # the first ones wait on disk
+    fold.absent("u")
+    accepted, rejected = fold.settle()
+    assert accepted == list("pqr") and set(rejected) == {"s", "t"}
+    assert "exceeds 100 x the round median" in rejected["s"][0] and "NaN" in rejected["t"][0]
+    assert not fold.folder.exists()
+    for n, s in shapes.items():
+        want = torch.zeros(s, dtype=torch.float64)
+        for i, c in enumerate("pqr"):
+            want += (i + 1) * ups[c][n].to(torch.float64)
+        assert torch.equal(fold.mean()[n], want / 6)
+
+
+def test_slora_stage_rejects_the_garbage_the_failures_inject(shared, tmp_path):
+    from flexlora.failures import client_failure, garbage_kind
+
+    sim = _sim(shared, tmp_path, 'federation.algorithm="slora"', "federation.slora_rounds=1", "federation.rounds=1",
+               "federation.clients_per_round=6", "failures.garbage=0.5")
+    try:
+        sim.run()
+    finally:
+        sim.server.restore_base()
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["stage"] == "slora-sparse" and "aggregation" not in rec
+    kinds = {}
+    for e in rec["clients"]:
+        failure, rng = client_failure(sim.cfg.federation.seed, sim.cfg.failures, 1, e["id"])
+        if failure == "garbage":
+            kinds[str(e["id"])] = garbage_kind(sim.engine.fed.shapes, rng)[0]
+    assert {"nan", "shape"} & set(kinds.values())  # this seed draws them
+    for cid, kind in kinds.items():
+        if kind in ("nan", "shape"):
+            assert cid in rec["dropped"], (cid, kind)
+    assert set(rec["dropped"]) <= set(kinds)
+    assert all(e["status"] == ("rejected" if str(e["id"]) in rec["dropped"] else "ok") for e in rec["clients"])

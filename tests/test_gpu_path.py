@@ -102,7 +102,7 @@ def test_evaluating_a_bfloat16_base_with_an_update_matches_the_float32_model_wit
 
         return Result()
 
-    monkeypatch.setattr("flexlora.simulate.evaluate_clients", probe_eval)
+    monkeypatch.setattr("flexlora.runner.evaluate_clients", probe_eval)
     g = torch.Generator().manual_seed(1)
     logits = {}
     for dtype in ("float32", "bfloat16"):

@@ -47,29 +47,29 @@ def test_a_second_run_takes_the_first_runs_base_evaluation_which_is_what_computi
 def test_a_state_with_an_update_or_a_merge_is_evaluated_not_shared(tiny_model, tiny_tokenizer, tmp_path):
     shared = BaseEvaluations()
     sim = _sim(tmp_path, "a", copy.deepcopy(tiny_model), tiny_tokenizer, shared)
-    state = sim.method.initial_state(sim.fed.shapes)
-    name, (d_out, d_in) = next(iter(sim.fed.shapes.items()))
+    state = sim.server.method.initial_state(sim.server.fed.shapes)
+    name, (d_out, d_in) = next(iter(sim.server.fed.shapes.items()))
     state.adapter[name] = GlobalModule(A=torch.full((1, d_in), 0.5), B=torch.full((d_out, 1), 0.5))
-    moved = sim.evaluate_start(state)
+    moved = sim.server.evaluate_start(state)
     assert not shared.records and "shared_from" not in moved
-    sim.merged = {name: torch.full((d_out, d_in), 0.25)}
-    sim.evaluate_start(sim.method.initial_state(sim.fed.shapes))
+    sim.engine.merged = {name: torch.full((d_out, d_in), 0.25)}
+    sim.server.evaluate_start(sim.server.method.initial_state(sim.server.fed.shapes))
     assert not shared.records
 
 
 def test_the_key_changes_with_the_weights_the_tokenizer_the_examples_the_weights_of_clients_and_the_settings(tiny_model, tiny_tokenizer, tmp_path):
     sim = _sim(tmp_path, "a", copy.deepcopy(tiny_model), tiny_tokenizer, None)
-    clients, cfg, device = sim.fed.eval_clients, EvalConfig(max_new_tokens=4, examples_per_client=2), torch.device("cpu")
-    digest = model_digest(sim.model, tiny_tokenizer)
+    clients, cfg, device = sim.server.fed.eval_clients, EvalConfig(max_new_tokens=4, examples_per_client=2), torch.device("cpu")
+    digest = model_digest(sim.server.model, tiny_tokenizer)
     key = evaluation_key(digest, device, clients, cfg)
-    assert model_digest(copy.deepcopy(sim.model), tiny_tokenizer) == digest and evaluation_key(digest, device, copy.deepcopy(clients), cfg) == key
-    nudged = copy.deepcopy(sim.model)
+    assert model_digest(copy.deepcopy(sim.server.model), tiny_tokenizer) == digest and evaluation_key(digest, device, copy.deepcopy(clients), cfg) == key
+    nudged = copy.deepcopy(sim.server.model)
     with torch.no_grad():
         next(nudged.parameters()).view(-1)[0] += 1e-6
     assert model_digest(nudged, tiny_tokenizer) != digest
     other_eos = copy.deepcopy(tiny_tokenizer)
     other_eos.eos_token = "<pad>"
-    assert model_digest(sim.model, other_eos) != digest
+    assert model_digest(sim.server.model, other_eos) != digest
     changed = copy.deepcopy(clients)
     changed[0].eval[0] = Example(changed[0].eval[0].instruction, changed[0].eval[0].input, changed[0].eval[0].output + ".")
     assert evaluation_key(digest, device, changed, cfg) != key

@@ -31,14 +31,14 @@ def test_a_second_run_takes_the_first_runs_base_evaluation_which_is_what_computi
     model = copy.deepcopy(tiny_model)
     shared = BaseEvaluations()
     first = _sim(tmp_path, "a", model, tiny_tokenizer, shared)
-    rec_a = first.evaluate_start(first.method.initial_state(first.fed.shapes))
+    rec_a = first.server.evaluate_start(first.server.method.initial_state(first.server.fed.shapes))
     assert "shared_from" not in rec_a and len(shared.records) == 1
     second = _sim(tmp_path, "b", model, tiny_tokenizer, shared, ['federation.aggregation="hetlora"'])
-    rec_b = second.evaluate_start(second.method.initial_state(second.fed.shapes))
+    rec_b = second.server.evaluate_start(second.server.method.initial_state(second.server.fed.shapes))
     assert rec_b["shared_from"] == "a" and "b: round 0 evaluates the base model, as a did" in capsys.readouterr().err
     assert {k: v for k, v in rec_b.items() if k != "shared_from"} == rec_a  # the record itself, timings included
     alone = _sim(tmp_path, "c", model, tiny_tokenizer, None, ['federation.aggregation="hetlora"'])
-    computed = alone.evaluate_start(alone.method.initial_state(alone.fed.shapes))
+    computed = alone.server.evaluate_start(alone.server.method.initial_state(alone.server.fed.shapes))
     assert _untimed(computed) == _untimed(rec_b) and computed["per_client"] and computed["num_examples"] > 0
     rec_b["per_client"].clear()  # a copy: changing one run's record leaves the stored one alone
     assert shared.records[next(iter(shared.records))][1]["per_client"]

@@ -105,10 +105,10 @@ def run(strategy, nodes: Nodes, rounds: int = 1):
     return strategy.start(grid, init, num_rounds=rounds, timeout=60), grid
 
 
-def core_updates(node_replies: dict) -> list[ClientUpdate]:
-    """What the core method is given for the same replies (node order, scales from each config)."""
+def core_updates(node_replies: dict, order: list | None = None) -> list[ClientUpdate]:
+    """What the core method is given for the same replies (in ``order``, default node order; scales from each config)."""
     out = []
-    for node in sorted(node_replies):
+    for node in order if order is not None else sorted(node_replies):
         sd, settings, n = node_replies[node](1)
         modules, _ = factors_from_state_dict(sd, settings or DECLARED, infer_ranks=settings is None)
         out.append(ClientUpdate(str(node), n, modules))
@@ -141,8 +141,8 @@ def test_aggregate_equals_the_core_methods_exactly(method, replies):
     result, _ = run(strategy, Nodes(replies))
     core = get_method(method)
     held = core.aggregate(core_updates(replies), round=1)
-    acc = core.accumulator()  # the strategy folds each reply as it comes (node order), as the core method's fold does
-    for u in core_updates(replies):
+    acc = core.accumulator()  # the strategy folds each reply as it comes (reply_order), as the core method's fold does
+    for u in core_updates(replies, [int(n) for n in strategy.history[-1]["accepted"]]):
         acc.add(u)
     want = acc.finish(round=1)
     got = strategy.state
@@ -160,6 +160,19 @@ def test_aggregate_equals_the_core_methods_exactly(method, replies):
     for name, f in get_method(method).share_for(want, strategy.ranks.declared).items():
         assert torch.equal(declared[peft_key(name, "B")], f.B.float()) and torch.equal(declared[peft_key(name, "A")], f.A.float())
         assert f.A.shape[0] == DECLARED["r"]
+
+
+@pytest.mark.parametrize("method", ["flexlora", "hetlora"])
+def test_the_global_state_does_not_depend_on_the_node_ids_flower_draws(method):
+    """Flower draws new node ids at each start: the same replies under other ids give the same bits."""
+    states = []
+    for ids in ((1, 2, 3), (3, 1, 2), (2, 3, 1)):
+        strategy = FlexLoRAStrategy(method, lora_config=DECLARED)
+        run(strategy, Nodes({new: HETERO[old] for old, new in zip((1, 2, 3), ids)}))
+        states.append(strategy.state)
+    for other in states[1:]:
+        for name, gm in states[0].adapter.items():
+            assert torch.equal(other.adapter[name].A, gm.A) and torch.equal(other.adapter[name].B, gm.B), name
 
 
 def test_nodes_are_told_which_factors_to_train():

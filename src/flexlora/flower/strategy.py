@@ -16,6 +16,7 @@ The server side needs torch, numpy, safetensors and flwr only (no transformers, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -95,6 +96,27 @@ class StrategyConfig:
             raise ValueError("query_timeout must be > 0")
 
 
+def reply_order(msg: Message) -> tuple[int, bytes, int]:
+    """The order replies are folded in: by a digest of what they carry, error replies last.
+
+    A float sum depends on its order, and Flower draws new node ids at every start, so folding in
+    node-id order would give other bits (at float32 rounding) each time the same federation runs.
+    The digest covers every array, metric and config entry of the reply; identical replies tie,
+    and their order cannot change the sum."""
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return (1, b"", node)
+    h = hashlib.sha256()
+    for name, record in sorted(msg.content.array_records.items()):
+        h.update(name.encode())
+        for key, array in record.items():
+            h.update(f"{key}:{array.dtype}:{tuple(array.shape)}".encode())
+            h.update(array.data)
+    for name, record in [*sorted(msg.content.metric_records.items()), *sorted(msg.content.config_records.items())]:
+        h.update(f"{name}:{sorted(record.items())!r}".encode())
+    return (0, h.digest(), node)
+
+
 class FlexLoRAStrategy(Strategy):
     """Any flexlora aggregation method as a Flower strategy; every node trains at its own LoRA ranks.
 
@@ -160,14 +182,15 @@ class FlexLoRAStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Parse and screen the replies, aggregate the good ones with the core method; too few good
         replies (or an aggregate the method refuses) keep the previous global state. Each reply is
-        folded into the method's running sums as it is parsed (:mod:`flexlora.fold`), in node order:
-        the strategy keeps about one dense update, not every node's factors, and a round's bits do
-        not depend on the order Flower delivers the replies in."""
+        folded into the method's running sums as it is parsed (:mod:`flexlora.fold`), in the order of
+        :func:`reply_order`: the strategy keeps about one dense update, not every node's factors, and a
+        round's bits depend neither on the order Flower delivers the replies in nor on the node ids
+        Flower draws at each start."""
         rec = self._begin(server_round)
         parsed: dict[str, ParsedReply] = {}
         dropped: dict[str, list[str]] = {}
         replied: set[str] = set()
-        replies = sorted(replies, key=lambda m: int(m.metadata.src_node_id))
+        replies = sorted(replies, key=reply_order)
         fold = RoundFold(self.method, self.shapes, ValidationConfig(norm_factor=self.config.norm_factor, max_rank=self.config.max_rank),
                          [str(m.metadata.src_node_id) for m in replies])
         for msg in replies:

@@ -55,7 +55,7 @@ def client(msg, context):  # a node at its own rank, replying without a config (
 
 strategy = FlexLoRAStrategy("flexlora", lora_config={"r": 4, "lora_alpha": 8}, ask_new_nodes=False)
 strategy.start(LocalGrid(client, {1: {}, 2: {}}), ArrayRecord(state(4, zero_b=True)), num_rounds=2, timeout=30)
-assert [r["accepted"] for r in strategy.history] == [["1", "2"], ["1", "2"]], strategy.history
+assert [sorted(r["accepted"]) for r in strategy.history] == [["1", "2"], ["1", "2"]], strategy.history  # folded in reply_order (content), not node order
 
 work = Path(sys.argv[3])
 dirs = []

@@ -34,7 +34,7 @@ from torch import nn
 
 from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
 from flexlora.data.types import ClientData, Example
-from flexlora.models import plain_head_parts
+from flexlora.models import model_device, plain_head_parts
 from flexlora.precision import PRECISIONS, autocast_for, resolve_precision
 from flexlora.stats import record_intervals
 
@@ -185,10 +185,6 @@ def _pad_id(tokenizer: Any, eos_ids: Sequence[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 EvalPass = Literal["generation", "scoring"]
 # The passes where "auto" turns bf16 autocast on (on a CPU with native bfloat16): none, by measurement
 # (SmolLM2, 2 cores; README "Mixed precision on the CPU"): generation gains 1.10x and changes 4 of 16
@@ -247,7 +243,7 @@ def _generate_ids(
     """Greedy new-token ids per prompt (in input order), cut after the first EOS (kept)."""
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
-    device = _device(model)
+    device = model_device(model)
     precision = pass_precision(cfg, device, "generation")
     out: list[list[int]] = [[] for _ in prompts]
     for batch in _length_batches([len(p) for p in prompts], cfg.batch_size):
@@ -339,7 +335,7 @@ def teacher_forced(
     encoded = [_tf_encode(tokenizer, ex, cfg) for ex in examples]
     # Right padding is masked and never a label, so any id will do.
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    device = _device(model)
+    device = model_device(model)
     parts = None if full_logits else plain_head_parts(model)
     precision = pass_precision(cfg, device, "scoring")
     results: list[dict[str, Any]] = [{} for _ in examples]

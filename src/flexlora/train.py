@@ -26,7 +26,7 @@ from torch import Tensor
 
 from flexlora.data.prompts import Template, encode_for_training
 from flexlora.data.types import ClientData
-from flexlora.models import is_low_precision, plain_head_parts, weight_is_transposed
+from flexlora.models import is_low_precision, model_device, plain_head_parts, weight_is_transposed
 from flexlora.precision import autocast_for, resolve_precision
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
@@ -174,10 +174,6 @@ def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Te
         return dict(batch)
     pin = device.type == "cuda"
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 class _LossLog:
@@ -414,7 +410,7 @@ class LocalTrainer:
                 opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             else:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            device = _model_device(peft_model)
+            device = model_device(peft_model)
             if resolve_precision(cfg.precision, device) == "bf16-autocast":
                 hooks += self.sum_adapter_in_float32(peft_model, list(spec))
             peft_model.train()

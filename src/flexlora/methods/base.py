@@ -204,8 +204,9 @@ class AggregationMethod(ABC):
         p = data_size_weights(updates) if weights is None else normalise_weights(list(weights), updates)
         return updates, p
 
-    def _state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate | str], p: Sequence[float], **info) -> ServerState:
-        """The state of a round; ``updates`` (or their client ids) name the weights ``p``."""
+    def round_state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate | str], p: Sequence[float], **info) -> ServerState:
+        """The state of a round, as ``aggregate`` and the method's accumulator return it; ``updates``
+        (or their client ids) name the weights ``p``."""
         return ServerState(
             method=self.name,
             round=round,

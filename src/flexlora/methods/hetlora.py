@@ -63,7 +63,7 @@ class HetLoRA(AggregationMethod):
             A = sum(wk * zero_pad(A, r_max, dim=0) for wk, (_, A) in zip(w, pairs))
             adapter[name] = GlobalModule(A=A, B=B)
             module_weights[name] = w
-        return self._state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
+        return self.round_state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
 
     @property
     def uses_weights(self) -> bool:
@@ -172,7 +172,7 @@ class PaddedMean(Accumulator):
             else:
                 adapter[name] = GlobalModule(A=Aw / total, B=Bw / total)
             module_weights[name] = m._weights(self.norms.pop(name), p_data)  # as aggregate records them
-        return m._state(round, adapter, self.client_ids, p_data, module_weights=module_weights, weighting=m.weighting)
+        return m.round_state(round, adapter, self.client_ids, p_data, module_weights=module_weights, weighting=m.weighting)
 
 
 def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:

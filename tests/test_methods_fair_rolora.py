@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 
 from flexlora.cli import main
 from flexlora.compare import expand_runs
-from flexlora.config import ConfigError, load_config, load_config_dict
+from flexlora.config import ConfigError, TrainConfig, load_config, load_config_dict
 from flexlora.methods import FedAvg, HetLoRA, LoRAFAIR, RoLoRA, get_method
 from flexlora.methods.base import zero_pad
-from flexlora.train import TrainConfig
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, UpdateError
 
 from strategies import federations

@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from flexlora.config import EvalConfig
 from flexlora.data.types import ClientData
-from flexlora.evaluate import EvalConfig, pass_precision
+from flexlora.precision import pass_precision
 
 
 def model_digest(model: nn.Module, tokenizer: Any) -> str:

@@ -1,7 +1,11 @@
 """Run configuration: dataclasses, TOML in, ``key.sub=value`` overrides, validation before any work.
 
-Unknown keys, wrong types and impossible values are reported with the key's full dotted name
-before a model is loaded or a client trains.
+Every config dataclass a run reads is defined here, at the bottom of the orchestration: local training
+(:mod:`flexlora.train`), evaluation (:mod:`flexlora.evaluate`), the runners and the CLI import them
+from here, and this module imports only what it checks values against (methods, models, precision,
+resources, prompt templates). ``ModelConfig`` stays beside the loaders in :mod:`flexlora.models`,
+below this module. Unknown keys, wrong types and impossible values are reported with the key's full
+dotted name before a model is loaded or a client trains.
 """
 
 from __future__ import annotations
@@ -13,15 +17,14 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.algorithms import ALGORITHMS, algorithm_name
-from flexlora.evaluate import EvalConfig, pass_precision
+from flexlora.data.prompts import TEMPLATES, Template
 from flexlora.methods import METHODS, get_method
-from flexlora.precision import PRECISIONS, resolve_precision
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
+from flexlora.precision import PRECISIONS, pass_precision, resolve_precision
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
-from flexlora.train import TrainConfig
 
 try:
     import tomllib
@@ -31,6 +34,83 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 class ConfigError(ValueError):
     """A configuration problem found before any work starts; the message names the key."""
+
+
+Split = Literal["eval", "test"]
+RougeTokenizer = Literal["default", "unicode"]
+
+
+@dataclass
+class TrainConfig:
+    """Local training. ``optimizer``: "adamw" (FedIT) or "sgd" (FedAvg); the step count is
+    ``local_epochs`` over the client's data unless ``max_steps`` caps it."""
+
+    optimizer: str = "adamw"  # "adamw" (FedIT) | "sgd" (FedAvg)
+    lr: float = 2e-4  # local learning rate
+    weight_decay: float = 0.0  # the optimizer's weight decay
+    momentum: float = 0.0  # sgd only
+    local_epochs: float = 1.0  # passes over the client's data per round (fractions allowed)
+    max_steps: int | None = None  # caps the optimizer steps per round
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 320  # tokens per training example (prompt + response), longer ones are cut
+    train_on_inputs: bool = True  # the paper's choice: loss over the whole sequence
+    template: Template = "alpaca"  # the prompt format: "alpaca" (the paper's) or the tokenizer's "chat" template
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input (the paper: 0.05)
+    grad_clip: float | None = 1.0  # clip the gradient norm to this (unset or 0: no clipping)
+    max_examples: int | None = None  # use at most this many of a client's training examples
+    hetlora_lambda: float = 0.0  # HetLoRA (aggregation = hetlora): > 0 adds its self-pruning regulariser
+    hetlora_gamma: float = 0.99  # HetLoRA: the regulariser and pruning keep rank floor(gamma * r)
+    hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
+    freeze_A: bool = False  # train B only (set by the method: FFA-LoRA always, RoLoRA in its B rounds)
+    freeze_B: bool = False  # train A only (set by the method: RoLoRA in its A rounds)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
+    deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate. Defaults favour affordable CPU runs, not the paper's full test sets.
+
+    ``examples_per_client`` caps each client's examples (the first ones, in order, so runs are
+    reproducible); ``None`` evaluates all. ``rouge_tokenizer="default"`` is rouge-score's own
+    tokenizer (lowercase, ASCII ``[a-z0-9]`` only, Porter stemming): it drops every non-ASCII
+    character, so e.g. a translation into Urdu scores 0 whatever the model writes.
+    ``"unicode"`` keeps letters and digits of every script (see :class:`UnicodeRougeTokenizer`) and
+    is identical to the default on ASCII text; it is not the paper's setting.
+    """
+
+    template: Template = "alpaca"  # the prompt format (as in training)
+    max_prompt_tokens: int = 512  # longer prompts are cut
+    max_new_tokens: int = 64  # greedy generation stops at EOS or after this many tokens
+    batch_size: int = 8  # prompts generated together
+    examples_per_client: int | None = None  # score at most this many examples per client (the first ones); unset: all
+    split: Split = "eval"  # which of each client's splits is scored
+    teacher_forced: bool = False  # also report the official code's teacher-forced Rouge-L proxy (not the paper's number)
+    eval_loss: bool = False  # also report the mean token cross-entropy on the references (proxy_eval_loss)
+    rouge_tokenizer: RougeTokenizer = "default"  # "default" (rouge-score: ASCII only, the paper's) | "unicode" (every script)
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast" for the forward passes; see pass_precision
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.split not in ("eval", "test"):
+            raise ValueError(f"split must be 'eval' or 'test', got {self.split!r}")
+        if self.rouge_tokenizer not in ("default", "unicode"):
+            raise ValueError(f"rouge_tokenizer must be 'default' or 'unicode', got {self.rouge_tokenizer!r}")
+        for name in ("max_prompt_tokens", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.examples_per_client is not None and self.examples_per_client < 1:
+            raise ValueError(f"examples_per_client must be >= 1 or None, got {self.examples_per_client}")
+
+    def settings(self) -> dict[str, Any]:
+        """The evaluation settings alone, as a result records them: a :class:`RunEvalConfig`'s keys
+        about when and whom a run evaluates are left out, so the same scoring records the same."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)}
 
 
 @dataclass
@@ -150,6 +230,8 @@ class RunEvalConfig(EvalConfig):
     """Evaluation inside a run: every ``every`` rounds (0 = only at the end), before training
     (the base model's line) if ``at_start``, on ``clients`` held-out clients (all of them when
     there are no more; otherwise a fixed random subset drawn with seed 0, the same for every run)."""
+
+    # An EvalConfig (``[eval]`` is one flat table): evaluation takes it as it is and reads its own settings.
 
     every: int = 0  # evaluate every this many rounds (0: only after the last round)
     at_start: bool = True  # evaluate the base model before round 1 (the curve's round 0)

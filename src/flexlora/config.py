@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
@@ -59,11 +61,11 @@ class TrainConfig:
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input (the paper: 0.05)
     grad_clip: float | None = 1.0  # clip the gradient norm to this (unset or 0: no clipping)
     max_examples: int | None = None  # use at most this many of a client's training examples
-    hetlora_lambda: float = 0.0  # HetLoRA (aggregation = hetlora): > 0 adds its self-pruning regulariser
-    hetlora_gamma: float = 0.99  # HetLoRA: the regulariser and pruning keep rank floor(gamma * r)
-    hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
-    freeze_A: bool = False  # train B only (set by the method: FFA-LoRA always, RoLoRA in its B rounds)
-    freeze_B: bool = False  # train A only (set by the method: RoLoRA in its A rounds)
+    # Switches of the local trainer, not options of one method: a user may set them with any method
+    # (an ablation), and methods set them each round through ``local_training`` (FFA-LoRA: A always,
+    # RoLoRA: the factor it does not train that round); a switch the user set stays on.
+    freeze_A: bool = False  # train B only, with any method (FFA-LoRA and RoLoRA's B rounds set it themselves)
+    freeze_B: bool = False  # train A only, with any method (RoLoRA's A rounds set it themselves)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
     deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
     precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
@@ -306,6 +308,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    if cls is RunConfig:  # keys an older version had elsewhere: loaded where they live now, with a note
+        data, notes = moved_keys(data)
+        for note in notes:
+            warnings.warn_explicit(note, ConfigDeprecation, "flexlora config", 0, module=__name__)  # one line: no source line to show
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -319,6 +325,45 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
         raise
     except ValueError as e:  # a dataclass's own check (e.g. EvalConfig's): say which table it is
         raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+
+
+class ConfigDeprecation(FutureWarning):
+    """A config key that moved: it still loads (where it lives now), and the message names the new key."""
+
+
+def moved_keys(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+    """``data`` with the ``train.*`` keys that became a method's options (``former_train_keys``) moved
+    into ``federation.method_options``, and one note per moved key naming its new place. A key at its
+    default is dropped (it changes nothing); a key set for another method than the run's is refused,
+    as is a value that disagrees with the same option given in ``method_options``. Used for a user's
+    config and for the config a checkpoint was saved with, so old runs still resume."""
+    train = data.get("train")
+    if not isinstance(train, Mapping):
+        return data, []
+    moved = {old: (cls, option) for cls in METHODS.values() for old, option in cls.former_train_keys.items() if old in train}
+    if not moved:
+        return data, []
+    fed = data.get("federation", {})
+    fed = fed if isinstance(fed, Mapping) else {}  # not a table: from_dict says so
+    aggregation = fed.get("aggregation", FederationConfig.aggregation)
+    given = fed.get("method_options", {})
+    options = dict(given) if isinstance(given, Mapping) else {}
+    train = dict(train)
+    notes = []
+    for old, (cls, option) in moved.items():
+        value = train.pop(old)
+        notes.append(f"train.{old} is deprecated: use federation.method_options.{option} ({cls.name}'s option; read as that this time)")
+        if value == inspect.signature(cls).parameters[option].default:
+            continue
+        if cls.name != aggregation:
+            raise ConfigError(f"train.{old} (now federation.method_options.{option}) belongs to {cls.name} ({cls.paper}); it needs federation.aggregation = {cls.name!r}, not {aggregation!r}")
+        if option in options and options[option] != value:
+            raise ConfigError(f"train.{old} = {value!r} and federation.method_options.{option} = {options[option]!r} disagree; keep federation.method_options.{option} only")
+        options[option] = value
+    out = {**data, "train": train}
+    if options != given:
+        out["federation"] = {**fed, "method_options": options}
+    return out, notes
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -473,15 +518,6 @@ def validate(cfg: RunConfig) -> None:
     _validate_privacy(cfg)
     if cfg.eval.every < 0 or cfg.eval.clients < 0:
         raise ConfigError("eval.every and eval.clients must be >= 0")
-    if not 0 < tr.hetlora_gamma <= 1:
-        raise ConfigError(f"train.hetlora_gamma must be in (0, 1], got {tr.hetlora_gamma}")
-    if tr.hetlora_lambda < 0:
-        raise ConfigError(f"train.hetlora_lambda must be >= 0, got {tr.hetlora_lambda}")
-    defaults = TrainConfig()
-    for method in METHODS.values():  # a method's own train.* option is refused with any other method
-        for option in method.client_options:
-            if method.name != fed.aggregation and getattr(tr, option) != getattr(defaults, option):
-                raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
     algorithm.prescribe(cfg)  # fedavg_sgd: train.optimizer = "sgd" (the paper's FedAvg rows), said in the run's start notes
 
 
@@ -568,7 +604,7 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig, allowed: Sequence[str]
     def plain(d: dict[str, Any]) -> dict[str, Any]:  # as config.json stores it: JSON types, flat dotted keys
         return _flatten(json.loads(json.dumps(d, default=str)))
 
-    old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
+    old, new, default = plain(dict(moved_keys(saved)[0])), plain(cfg.to_dict()), plain(RunConfig().to_dict())
     here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
     device = resolve_device(cfg.model.device)
     for key in ("train.precision", "eval.precision"):

@@ -247,6 +247,16 @@ def test_old_hetlora_train_keys_load_as_its_options_with_one_line_notes():
         load_config(SMOKE, ['federation.aggregation="hetlora"', "train.hetlora_gamma=1.5"])
 
 
+def test_a_run_refuses_method_options_it_sets_itself(tmp_path, capsys):
+    """dtype, seed and device come from federation.*: given in method_options too, the run's method
+    call got them twice (a TypeError traceback after the model had loaded)."""
+    for option, key in (("seed", "federation.seed"), ("dtype", "federation.server_dtype"), ("device", "federation.server_device")):
+        with pytest.raises(ConfigError, match=f"federation.method_options.{option}: a run sets the method's {option} from {key}"):
+            load_config(SMOKE, [f'federation.method_options={{{option} = "1"}}'])
+    assert main(["run", "--config", SMOKE, "--out", str(tmp_path / "r"), "--set", "federation.method_options={seed = 1}"]) == 2
+    assert "federation.seed" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_a_method_with_its_own_share_keeps_its_whole_state_in_checkpoints():
     class OwnShare(FedAvg):
         def share_for(self, state, spec):

@@ -327,6 +327,10 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
         raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
 
 
+# Method options a run sets itself, from these keys (``flexlora aggregate --option`` takes them).
+RUN_SETS = {"dtype": "federation.server_dtype", "seed": "federation.seed", "device": "federation.server_device"}
+
+
 class ConfigDeprecation(FutureWarning):
     """A config key that moved: it still loads (where it lives now), and the message names the new key."""
 
@@ -421,6 +425,9 @@ def validate(cfg: RunConfig) -> None:
     fed, tr, res, d = cfg.federation, cfg.train, cfg.resources, cfg.data
     if fed.aggregation not in METHODS:
         raise ConfigError(f"federation.aggregation: unknown method {fed.aggregation!r}; choose one of {sorted(METHODS)}")
+    for option, key in RUN_SETS.items():
+        if option in fed.method_options:
+            raise ConfigError(f"federation.method_options.{option}: a run sets the method's {option} from {key}; set that instead")
     try:  # typed and range-checked before any work: the method's constructor is cheap
         get_method(fed.aggregation, **dict(fed.method_options))
     except ValueError as e:

@@ -10,6 +10,7 @@ examples each, greedy, up to 48 new tokens), so the numbers are directly compara
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 from flexlora.config import load_config  # noqa: E402
-from flexlora.evaluate import EvalConfig, evaluate_clients  # noqa: E402
+from flexlora.evaluate import evaluate_clients  # noqa: E402
 from flexlora.models import load_model  # noqa: E402
 from flexlora.data.clients import load_clients  # noqa: E402
 from flexlora.simulate import Simulation  # noqa: E402
@@ -38,7 +39,7 @@ def main() -> None:
     sim = Simulation(cfg, ROOT / "runs" / "base_model_eval", model=model, tokenizer=tokenizer, clients=clients, progress=False)
     results = {}
     for template in ("alpaca", "chat"):
-        ecfg = EvalConfig(**{**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__}, "template": template})
+        ecfg = dataclasses.replace(cfg.eval, template=template)
         r = evaluate_clients(model, tokenizer, sim.server.fed.eval_clients, ecfg, progress=True).to_dict()
         results[template] = r
         print(f"{template:>6}: Rouge-L weighted {r['rouge_l_weighted']:.2f}, mean {r['rouge_l_mean']:.2f}, "

@@ -16,7 +16,7 @@ Writes benchmarks/results/eval_throughput.json.
 compares instead float32 with bfloat16 autocast (``eval.precision``) at the same batch size, for
 greedy generation and for the teacher-forced scoring pass (eval loss), interleaved the same way,
 with the outputs' agreement; it decides which passes ``eval.precision = "auto"`` runs under autocast
-(``flexlora.evaluate.AUTO_BF16_PASSES``). Writes benchmarks/results/eval_precision.json.
+(``flexlora.precision.AUTO_BF16_PASSES``). Writes benchmarks/results/eval_precision.json.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from flexlora.config import EvalConfig
 from flexlora.data.types import Example
-from flexlora.evaluate import EvalConfig, encode_prompts, generate_with_counts, teacher_forced
+from flexlora.evaluate import encode_prompts, generate_with_counts, teacher_forced
 from flexlora.precision import cpu_has_native_bf16
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flexlora-ni" / "tiny.jsonl.gz"  # ../shared beside the checkout

@@ -173,14 +173,13 @@ def run_centralised(base: dict[str, Any], model, tokenizer, clients, data_path) 
 
 
 def run_base_eval(base: dict[str, Any], model, tokenizer, clients, data_path) -> None:
-    from flexlora.evaluate import EvalConfig, evaluate_clients
+    from flexlora.evaluate import evaluate_clients
     from flexlora.simulate import Simulation
 
     cfg = build_config(base, Run("base", "ref", "", "", 0, {}), data_path)
     sim = Simulation(cfg, SCRATCH / "base", model=model, tokenizer=tokenizer, clients=clients, progress=True)
-    ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
     t0 = time.time()
-    result = evaluate_clients(model, tokenizer, sim.server.fed.eval_clients, ecfg, progress=True).to_dict()
+    result = evaluate_clients(model, tokenizer, sim.server.fed.eval_clients, cfg.eval, progress=True).to_dict()
     OUT.mkdir(parents=True, exist_ok=True)
     dest = OUT / "base"
     dest.mkdir(exist_ok=True)

@@ -39,12 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, write_json  # noqa: E402
 
+from flexlora.config import TrainConfig  # noqa: E402
 from flexlora.data.types import ClientData, Example  # noqa: E402
 from flexlora.methods import FlexLoRA  # noqa: E402
 from flexlora.models import ModelConfig, load_model  # noqa: E402
 from flexlora.precision import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from flexlora.resources import target_module_names  # noqa: E402
-from flexlora.train import LocalTrainer, TrainConfig, collate, length_bucketed_batches, tokenize_client  # noqa: E402
+from flexlora.train import LocalTrainer, collate, length_bucketed_batches, tokenize_client  # noqa: E402
 from flexlora.update import ModuleSpec  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

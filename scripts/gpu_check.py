@@ -358,7 +358,8 @@ def part_training(work: Path, tokenizer, device: str, dry: bool, deadline: float
 
     from flexlora.models import ModelConfig, load_model
     from flexlora.resources import target_module_names
-    from flexlora.train import LocalTrainer, TrainConfig, plan_batches, tokenize_client
+    from flexlora.config import TrainConfig
+    from flexlora.train import LocalTrainer, plan_batches, tokenize_client
     from flexlora.update import LoraFactors, ModuleSpec
 
     steps, warmup = (3, 1) if dry else (8, 2)

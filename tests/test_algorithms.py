@@ -112,7 +112,7 @@ def test_slora_stage2_init_is_the_truncated_svd_of_the_stage1_update(shared, tmp
 def test_hetlora_self_pruning_shrinks_ranks_and_survives_a_checkpoint(shared, tmp_path):
     sim = _sim(
         shared, tmp_path, 'federation.aggregation="hetlora"', "federation.rounds=4", "federation.clients_per_round=8",
-        "train.hetlora_prune=true", "train.hetlora_lambda=5.0", "train.hetlora_gamma=0.5", "train.max_steps=2",
+        "federation.method_options={prune = true, penalty = 5.0, gamma = 0.5}", "train.max_steps=2",
     )
     try:
         sim.run()

@@ -21,12 +21,12 @@ from transformers import (
     PhiForCausalLM,
 )
 
-from flexlora.config import ConfigError, load_config
+from flexlora.config import ConfigError, TrainConfig, load_config
 from flexlora.resources import ResourceError, module_group, target_module_names
 from flexlora.simulate import Simulation
 from flexlora.data.types import ClientData, Example
 from flexlora.slora import sparse_mask, train_client_sparse
-from flexlora.train import TrainConfig, apply_dense_delta
+from flexlora.train import apply_dense_delta
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
 

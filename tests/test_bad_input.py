@@ -18,9 +18,9 @@ def _one_error_line(capsys) -> str:
 
 def test_an_unknown_method_option_lists_the_valid_ones(tmp_path, capsys):
     paths = [make_peft_adapter(tmp_path / "a", seed=1), make_peft_adapter(tmp_path / "b", seed=2)]
-    assert main(["aggregate", *map(str, paths), "--method", "hetlora", "--out", str(tmp_path / "o"), "--option", "gamma=0.9"]) == 2
+    assert main(["aggregate", *map(str, paths), "--method", "hetlora", "--out", str(tmp_path / "o"), "--option", "gama=0.9"]) == 2
     err = _one_error_line(capsys)
-    assert "method 'hetlora' has no option 'gamma'; its options are: device, dtype, seed, weighting" in err
+    assert "method 'hetlora' has no option 'gama'; its options are: device, dtype, gamma, penalty, prune, seed, weighting" in err
     assert main(["run", "--config", SMOKE, "--out", str(tmp_path / "r"), "--set", "federation.method_options={bogus = 1}"]) == 2
     assert "its options are: device, dtype, keep_rank, seed, singular_values, svd_path" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists()

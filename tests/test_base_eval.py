@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from flexlora.base_eval import BaseEvaluations, evaluation_key, model_digest
-from flexlora.config import load_config
+from flexlora.config import EvalConfig, load_config
 from flexlora.data.types import Example
-from flexlora.evaluate import EvalConfig
 from flexlora.simulate import Simulation
 from flexlora.update import GlobalModule
 

@@ -11,14 +11,13 @@ from safetensors.torch import load_file
 
 from flexlora.checkpoint import load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
 from flexlora.cli import main
-from flexlora.config import ConfigError, load_config
+from flexlora.config import ConfigError, TrainConfig, config_changes, load_config
 from flexlora.diagnostics import aggregation_report
 from flexlora.lowrank import svd_of_sum
 from flexlora.methods import get_method
 from flexlora.models import resolve_device, resolve_model_dtype
-from flexlora.config import config_changes
 from flexlora.simulate import Simulation
-from flexlora.train import LocalTrainer, TrainConfig
+from flexlora.train import LocalTrainer
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, ServerState
 
 ROOT = Path(__file__).resolve().parents[1]

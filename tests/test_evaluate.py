@@ -9,9 +9,10 @@ from peft import LoraConfig, get_peft_model
 from rouge_score import rouge_scorer
 
 import flexlora.evaluate as ev
+from flexlora.config import EvalConfig
 from flexlora.data.prompts import encode_prompt
 from flexlora.data.types import ClientData, Example
-from flexlora.evaluate import EvalConfig, evaluate_clients, generate, generate_with_counts, rouge_l, teacher_forced
+from flexlora.evaluate import evaluate_clients, generate, generate_with_counts, rouge_l, teacher_forced
 
 # Prompts of clearly different lengths, so batches need padding.
 EXAMPLES = [

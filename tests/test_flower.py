@@ -183,7 +183,7 @@ def test_each_node_gets_its_own_ranks_and_bytes_are_counted(pair):
 @pytest.mark.parametrize(
     "method, extra",
     [
-        ("hetlora", ["train.hetlora_lambda=0.01"]),
+        ("hetlora", ["federation.method_options={penalty = 0.01}"]),
         ("flora", []),  # round 2 ships the merged base update
         ("rank_partition", []),
         ("fedavg", ['resources.distribution="homo"']),
@@ -305,7 +305,7 @@ def test_a_restarted_node_is_served_again_and_its_client_keeps_its_state(tmp_pat
     """Node 100 (client 0) dies in round 3 and comes back as node 200 with the same --node-config:
     in round 4 it trains at client 0's ranks as HetLoRA pruned them in round 2, exactly as if the
     node had only failed round 3 (the server keeps a client's state by client id, not node id)."""
-    overrides = BASE + FAST + ['federation.aggregation="hetlora"', "train.hetlora_lambda=0.1", "train.hetlora_prune=true", "federation.rounds=4"]
+    overrides = BASE + FAST + ['federation.aggregation="hetlora"', "federation.method_options={penalty = 0.1, prune = true}", "federation.rounds=4"]
     nodes = _nodes({0: "type3", 1: "type2", 2: "type1"})
     grid = LocalGrid(client_app.app, nodes)
 

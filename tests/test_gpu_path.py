@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from flexlora.cli import main
-from flexlora.config import load_config
+from flexlora.config import TrainConfig, load_config
 from flexlora.data.types import ClientData, Example
 from flexlora.models import resolve_model_dtype
 from flexlora.simulate import Simulation
 from flexlora.train import (
     ClientOutOfMemory,
     LocalTrainer,
-    TrainConfig,
     apply_dense_delta,
     labelled_token_loss,
     use_deterministic_kernels,

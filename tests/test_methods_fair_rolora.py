@@ -3,6 +3,7 @@
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,9 @@ from hypothesis import strategies as st
 
 from flexlora.cli import main
 from flexlora.compare import expand_runs
-from flexlora.config import ConfigError, load_config, load_config_dict
+from flexlora.config import ConfigDeprecation, ConfigError, TrainConfig, config_changes, load_config, load_config_dict
 from flexlora.methods import FedAvg, HetLoRA, LoRAFAIR, RoLoRA, get_method
 from flexlora.methods.base import zero_pad
-from flexlora.train import TrainConfig
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec, UpdateError
 
 from strategies import federations
@@ -191,6 +191,9 @@ def test_hetlora_client_weighting_uses_one_norm_per_client_over_all_modules(fed)
         ("flexlora", {"keep_rank": 1.5}, "option keep_rank must be an integer or none, got 1.5"),
         ("flexlora", {"svd_path": "fast"}, "option svd_path must be one of 'auto', 'factored', 'dense', got 'fast'"),
         ("hetlora", {"weighting": True}, "option weighting must be one of 'norm', 'client', 'data', 'norm_x_data'"),
+        ("hetlora", {"gamma": 0}, "gamma must be in (0, 1], got 0.0"),
+        ("hetlora", {"penalty": -1}, "penalty must be a finite number >= 0, got -1.0"),
+        ("hetlora", {"prune": "yes"}, "option prune must be true or false, got 'yes'"),
         ("lora_fair", {"regularization": -1}, "regularization must be a finite number >= 0"),
         ("lora_fair", {"regularization": "nan"}, "option regularization must be a finite number (float)"),
         ("rolora", {"first": "C"}, "option first must be one of 'B', 'A'"),
@@ -216,6 +219,50 @@ def test_bad_method_options_are_one_line_in_aggregate_run_and_compare(tmp_path, 
     base["compare"] = [{"label": "ok", "federation": {"aggregation": "fedavg"}}, {"label": "bad", "federation": {"aggregation": "florist", "method_options": {"threshold": "x"}}}]
     with pytest.raises(ConfigError, match="option threshold must be a finite number"):
         expand_runs(base)
+
+
+# -- a method's options live in the method; the train.* keys they had still load (issue 22, item 5) ---------
+def test_old_hetlora_train_keys_load_as_its_options_with_one_line_notes():
+    new = load_config(SMOKE, ['federation.aggregation="hetlora"', "federation.method_options={penalty = 5.0, gamma = 0.5, prune = true}"])
+    with pytest.warns(ConfigDeprecation) as notes:
+        old = load_config(SMOKE, ['federation.aggregation="hetlora"', "train.hetlora_lambda=5.0", "train.hetlora_gamma=0.5", "train.hetlora_prune=true"])
+    assert old.to_dict() == new.to_dict()  # the same config, so the same run
+    assert [str(n.message) for n in notes] == [
+        f"train.hetlora_{old_key} is deprecated: use federation.method_options.{key} (hetlora's option; read as that this time)"
+        for old_key, key in (("lambda", "penalty"), ("gamma", "gamma"), ("prune", "prune"))
+    ]
+    assert all(warnings.formatwarning(n.message, n.category, n.filename, n.lineno, n.line).count("\n") == 1 for n in notes)  # one line each
+    method = get_method("hetlora", **new.federation.method_options)
+    assert (method.local_penalty(new.train).weight, method.gamma, method.prune) == (5.0, 0.5, True)
+    # a checkpoint's config from before the move (the keys in [train]) is the same config
+    saved = new.to_dict()
+    saved["federation"]["method_options"] = {}
+    saved["train"].update(hetlora_lambda=5.0, hetlora_gamma=0.5, hetlora_prune=True)
+    assert config_changes(saved, new) == []
+    with pytest.raises(ConfigError, match="disagree; keep federation.method_options.gamma only"):
+        load_config(SMOKE, ['federation.aggregation="hetlora"', "train.hetlora_gamma=0.5", "federation.method_options={gamma = 0.6}"])
+    with pytest.warns(ConfigDeprecation):  # at its default an old key changes nothing, with any method
+        assert load_config(SMOKE, ["train.hetlora_gamma=0.99"]).federation.method_options == {}
+    with pytest.warns(ConfigDeprecation), pytest.raises(ConfigError, match="federation.method_options: .*gamma must be in \\(0, 1\\]"):
+        load_config(SMOKE, ['federation.aggregation="hetlora"', "train.hetlora_gamma=1.5"])  # HetLoRA checks its own ranges
+
+
+def test_a_run_refuses_method_options_it_sets_itself(tmp_path, capsys):
+    """dtype, seed and device come from federation.*: given in method_options too, the run's method
+    call got them twice (a TypeError traceback after the model had loaded)."""
+    for option, key in (("seed", "federation.seed"), ("dtype", "federation.server_dtype"), ("device", "federation.server_device")):
+        with pytest.raises(ConfigError, match=f"federation.method_options.{option}: a run sets the method's {option} from {key}"):
+            load_config(SMOKE, [f'federation.method_options={{{option} = "1"}}'])
+    assert main(["run", "--config", SMOKE, "--out", str(tmp_path / "r"), "--set", "federation.method_options={seed = 1}"]) == 2
+    assert "federation.seed" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_method_with_its_own_share_keeps_its_whole_state_in_checkpoints():
+    class OwnShare(FedAvg):
+        def share_for(self, state, spec):
+            return super().share_for(state, spec)
+
+    assert FedAvg.share_reads_leading_ranks and not OwnShare.share_reads_leading_ranks
 
 
 def test_rolora_outside_a_run_finds_the_shared_factor():

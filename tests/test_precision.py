@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from flexlora import precision as precision_module
 from flexlora.cli import main
-from flexlora.config import ConfigError, load_config
+from flexlora.config import ConfigError, EvalConfig, TrainConfig, load_config
 from flexlora.data.types import ClientData, Example
-from flexlora.evaluate import EvalConfig, pass_precision, teacher_forced
-from flexlora.precision import cpu_has_native_bf16, resolve_precision
-from flexlora.train import LocalTrainer, TrainConfig
+from flexlora.evaluate import teacher_forced
+from flexlora.precision import cpu_has_native_bf16, pass_precision, resolve_precision
+from flexlora.train import LocalTrainer
 from flexlora.update import LoraFactors, ModuleSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_eval_auto_uses_autocast_only_where_it_pays(tiny_model, tiny_tokenizer, 
     cpu = torch.device("cpu")
     _bf16(monkeypatch)
     auto = EvalConfig(precision="auto")
-    from flexlora.evaluate import AUTO_BF16_PASSES
+    from flexlora.precision import AUTO_BF16_PASSES
 
     assert {w: pass_precision(auto, cpu, w) for w in ("generation", "scoring")} == {w: "bf16-autocast" if w in AUTO_BF16_PASSES else "float32" for w in ("generation", "scoring")}
     assert {pass_precision(EvalConfig(precision="bf16-autocast"), cpu, w) for w in ("generation", "scoring")} == {"bf16-autocast"}

@@ -220,7 +220,8 @@ def test_resume_accepts_a_checkpoint_from_before_a_new_option_and_names_real_cha
     ckpt = load_checkpoint(reference_run)
     ckpt.pop("_source")
     ckpt["fingerprint"] = "from-an-older-flexlora"
-    del ckpt["config"]["lora"]["rslora"], ckpt["config"]["train"]["hetlora_prune"]
+    del ckpt["config"]["lora"]["rslora"]
+    ckpt["config"]["train"].update(hetlora_lambda=0.0, hetlora_gamma=0.99, hetlora_prune=False)  # keys that moved since (at their defaults)
     save_checkpoint(out, ckpt)
     assert main(["run", "--config", SMOKE, "--out", str(out), "--quiet", "--resume", "--set", "train.lr=0.5"]) == 2
     assert "train.lr: 0.001 -> 0.5" in capsys.readouterr().err

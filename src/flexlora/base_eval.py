@@ -15,14 +15,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from flexlora.config import EvalConfig
 from flexlora.data.types import ClientData
-from flexlora.evaluate import EvalConfig, pass_precision
+from flexlora.precision import pass_precision
 
 
 def model_digest(model: nn.Module, tokenizer: Any) -> str:
@@ -62,7 +62,7 @@ def evaluation_key(model: str, device: torch.device, clients: Sequence[ClientDat
     payload = {
         "model": model,
         "device": str(device),
-        "config": asdict(cfg),
+        "config": cfg.settings(),
         "precision": {p: pass_precision(cfg, device, p) for p in ("generation", "scoring")},
         "clients": [[c.client_id, c.category, c.num_examples, c.heldout, scored(c)] for c in clients],
     }

@@ -187,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from flexlora.config import EvalConfig, load_config
+    from flexlora.config import load_config
     from flexlora.evaluate import evaluate_clients
     from flexlora.fsutil import atomic_write_text
     from flexlora.models import load_model
@@ -219,8 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    ecfg = EvalConfig(**{k: getattr(cfg.eval, k) for k in EvalConfig.__dataclass_fields__})
-    result = evaluate_clients(model, tokenizer, clients, ecfg, progress=not args.quiet).to_dict()
+    result = evaluate_clients(model, tokenizer, clients, cfg.eval, progress=not args.quiet).to_dict()
     result["adapter"] = args.adapter
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
     from flexlora.stats import format_interval

@@ -1,27 +1,32 @@
 """Run configuration: dataclasses, TOML in, ``key.sub=value`` overrides, validation before any work.
 
-Unknown keys, wrong types and impossible values are reported with the key's full dotted name
-before a model is loaded or a client trains.
+Every config dataclass a run reads is defined here, at the bottom of the orchestration: local training
+(:mod:`flexlora.train`), evaluation (:mod:`flexlora.evaluate`), the runners and the CLI import them
+from here, and this module imports only what it checks values against (methods, models, precision,
+resources, prompt templates). ``ModelConfig`` stays beside the loaders in :mod:`flexlora.models`,
+below this module. Unknown keys, wrong types and impossible values are reported with the key's full
+dotted name before a model is loaded or a client trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from flexlora.algorithms import ALGORITHMS, algorithm_name
-from flexlora.evaluate import EvalConfig, pass_precision
+from flexlora.data.prompts import TEMPLATES, Template
 from flexlora.methods import METHODS, get_method
-from flexlora.precision import PRECISIONS, resolve_precision
 from flexlora.models import DTYPES, SERVER_DTYPES, ModelConfig, ModelError, check_model_folder, check_quantization, resolve_device, resolve_model_dtype
+from flexlora.precision import PRECISIONS, pass_precision, resolve_precision
 from flexlora.resources import PAPER_DISTRIBUTIONS, PAPER_TYPES
-from flexlora.train import TrainConfig
 
 try:
     import tomllib
@@ -31,6 +36,83 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 class ConfigError(ValueError):
     """A configuration problem found before any work starts; the message names the key."""
+
+
+Split = Literal["eval", "test"]
+RougeTokenizer = Literal["default", "unicode"]
+
+
+@dataclass
+class TrainConfig:
+    """Local training. ``optimizer``: "adamw" (FedIT) or "sgd" (FedAvg); the step count is
+    ``local_epochs`` over the client's data unless ``max_steps`` caps it."""
+
+    optimizer: str = "adamw"  # "adamw" (FedIT) | "sgd" (FedAvg)
+    lr: float = 2e-4  # local learning rate
+    weight_decay: float = 0.0  # the optimizer's weight decay
+    momentum: float = 0.0  # sgd only
+    local_epochs: float = 1.0  # passes over the client's data per round (fractions allowed)
+    max_steps: int | None = None  # caps the optimizer steps per round
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 320  # tokens per training example (prompt + response), longer ones are cut
+    train_on_inputs: bool = True  # the paper's choice: loss over the whole sequence
+    template: Template = "alpaca"  # the prompt format: "alpaca" (the paper's) or the tokenizer's "chat" template
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input (the paper: 0.05)
+    grad_clip: float | None = 1.0  # clip the gradient norm to this (unset or 0: no clipping)
+    max_examples: int | None = None  # use at most this many of a client's training examples
+    # Switches of the local trainer, not options of one method: a user may set them with any method
+    # (an ablation), and methods set them each round through ``local_training`` (FFA-LoRA: A always,
+    # RoLoRA: the factor it does not train that round); a switch the user set stays on.
+    freeze_A: bool = False  # train B only, with any method (FFA-LoRA and RoLoRA's B rounds set it themselves)
+    freeze_B: bool = False  # train A only, with any method (RoLoRA's A rounds set it themselves)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
+    deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate. Defaults favour affordable CPU runs, not the paper's full test sets.
+
+    ``examples_per_client`` caps each client's examples (the first ones, in order, so runs are
+    reproducible); ``None`` evaluates all. ``rouge_tokenizer="default"`` is rouge-score's own
+    tokenizer (lowercase, ASCII ``[a-z0-9]`` only, Porter stemming): it drops every non-ASCII
+    character, so e.g. a translation into Urdu scores 0 whatever the model writes.
+    ``"unicode"`` keeps letters and digits of every script (see :class:`UnicodeRougeTokenizer`) and
+    is identical to the default on ASCII text; it is not the paper's setting.
+    """
+
+    template: Template = "alpaca"  # the prompt format (as in training)
+    max_prompt_tokens: int = 512  # longer prompts are cut
+    max_new_tokens: int = 64  # greedy generation stops at EOS or after this many tokens
+    batch_size: int = 8  # prompts generated together
+    examples_per_client: int | None = None  # score at most this many examples per client (the first ones); unset: all
+    split: Split = "eval"  # which of each client's splits is scored
+    teacher_forced: bool = False  # also report the official code's teacher-forced Rouge-L proxy (not the paper's number)
+    eval_loss: bool = False  # also report the mean token cross-entropy on the references (proxy_eval_loss)
+    rouge_tokenizer: RougeTokenizer = "default"  # "default" (rouge-score: ASCII only, the paper's) | "unicode" (every script)
+    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast" for the forward passes; see pass_precision
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.split not in ("eval", "test"):
+            raise ValueError(f"split must be 'eval' or 'test', got {self.split!r}")
+        if self.rouge_tokenizer not in ("default", "unicode"):
+            raise ValueError(f"rouge_tokenizer must be 'default' or 'unicode', got {self.rouge_tokenizer!r}")
+        for name in ("max_prompt_tokens", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.examples_per_client is not None and self.examples_per_client < 1:
+            raise ValueError(f"examples_per_client must be >= 1 or None, got {self.examples_per_client}")
+
+    def settings(self) -> dict[str, Any]:
+        """The evaluation settings alone, as a result records them: a :class:`RunEvalConfig`'s keys
+        about when and whom a run evaluates are left out, so the same scoring records the same."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EvalConfig)}
 
 
 @dataclass
@@ -151,6 +233,8 @@ class RunEvalConfig(EvalConfig):
     (the base model's line) if ``at_start``, on ``clients`` held-out clients (all of them when
     there are no more; otherwise a fixed random subset drawn with seed 0, the same for every run)."""
 
+    # An EvalConfig (``[eval]`` is one flat table): evaluation takes it as it is and reads its own settings.
+
     every: int = 0  # evaluate every this many rounds (0: only after the last round)
     at_start: bool = True  # evaluate the base model before round 1 (the curve's round 0)
     clients: int = 8  # held-out clients evaluated (a fixed seed-0 subset when there are more)
@@ -224,6 +308,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    if cls is RunConfig:  # keys an older version had elsewhere: loaded where they live now, with a note
+        data, notes = moved_keys(data)
+        for note in notes:
+            warnings.warn_explicit(note, ConfigDeprecation, "flexlora config", 0, module=__name__)  # one line: no source line to show
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -237,6 +325,49 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
         raise
     except ValueError as e:  # a dataclass's own check (e.g. EvalConfig's): say which table it is
         raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+
+
+# Method options a run sets itself, from these keys (``flexlora aggregate --option`` takes them).
+RUN_SETS = {"dtype": "federation.server_dtype", "seed": "federation.seed", "device": "federation.server_device"}
+
+
+class ConfigDeprecation(FutureWarning):
+    """A config key that moved: it still loads (where it lives now), and the message names the new key."""
+
+
+def moved_keys(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+    """``data`` with the ``train.*`` keys that became a method's options (``former_train_keys``) moved
+    into ``federation.method_options``, and one note per moved key naming its new place. A key at its
+    default is dropped (it changes nothing); a key set for another method than the run's is refused,
+    as is a value that disagrees with the same option given in ``method_options``. Used for a user's
+    config and for the config a checkpoint was saved with, so old runs still resume."""
+    train = data.get("train")
+    if not isinstance(train, Mapping):
+        return data, []
+    moved = {old: (cls, option) for cls in METHODS.values() for old, option in cls.former_train_keys.items() if old in train}
+    if not moved:
+        return data, []
+    fed = data.get("federation", {})
+    fed = fed if isinstance(fed, Mapping) else {}  # not a table: from_dict says so
+    aggregation = fed.get("aggregation", FederationConfig.aggregation)
+    given = fed.get("method_options", {})
+    options = dict(given) if isinstance(given, Mapping) else {}
+    train = dict(train)
+    notes = []
+    for old, (cls, option) in moved.items():
+        value = train.pop(old)
+        notes.append(f"train.{old} is deprecated: use federation.method_options.{option} ({cls.name}'s option; read as that this time)")
+        if value == inspect.signature(cls).parameters[option].default:
+            continue
+        if cls.name != aggregation:
+            raise ConfigError(f"train.{old} (now federation.method_options.{option}) belongs to {cls.name} ({cls.paper}); it needs federation.aggregation = {cls.name!r}, not {aggregation!r}")
+        if option in options and options[option] != value:
+            raise ConfigError(f"train.{old} = {value!r} and federation.method_options.{option} = {options[option]!r} disagree; keep federation.method_options.{option} only")
+        options[option] = value
+    out = {**data, "train": train}
+    if options != given:
+        out["federation"] = {**fed, "method_options": options}
+    return out, notes
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -294,6 +425,9 @@ def validate(cfg: RunConfig) -> None:
     fed, tr, res, d = cfg.federation, cfg.train, cfg.resources, cfg.data
     if fed.aggregation not in METHODS:
         raise ConfigError(f"federation.aggregation: unknown method {fed.aggregation!r}; choose one of {sorted(METHODS)}")
+    for option, key in RUN_SETS.items():
+        if option in fed.method_options:
+            raise ConfigError(f"federation.method_options.{option}: a run sets the method's {option} from {key}; set that instead")
     try:  # typed and range-checked before any work: the method's constructor is cheap
         get_method(fed.aggregation, **dict(fed.method_options))
     except ValueError as e:
@@ -391,15 +525,6 @@ def validate(cfg: RunConfig) -> None:
     _validate_privacy(cfg)
     if cfg.eval.every < 0 or cfg.eval.clients < 0:
         raise ConfigError("eval.every and eval.clients must be >= 0")
-    if not 0 < tr.hetlora_gamma <= 1:
-        raise ConfigError(f"train.hetlora_gamma must be in (0, 1], got {tr.hetlora_gamma}")
-    if tr.hetlora_lambda < 0:
-        raise ConfigError(f"train.hetlora_lambda must be >= 0, got {tr.hetlora_lambda}")
-    defaults = TrainConfig()
-    for method in METHODS.values():  # a method's own train.* option is refused with any other method
-        for option in method.client_options:
-            if method.name != fed.aggregation and getattr(tr, option) != getattr(defaults, option):
-                raise ConfigError(f"train.{option} belongs to {method.name} ({method.paper}); it needs federation.aggregation = {method.name!r}, not {fed.aggregation!r}")
     algorithm.prescribe(cfg)  # fedavg_sgd: train.optimizer = "sgd" (the paper's FedAvg rows), said in the run's start notes
 
 
@@ -486,7 +611,7 @@ def config_changes(saved: dict[str, Any], cfg: RunConfig, allowed: Sequence[str]
     def plain(d: dict[str, Any]) -> dict[str, Any]:  # as config.json stores it: JSON types, flat dotted keys
         return _flatten(json.loads(json.dumps(d, default=str)))
 
-    old, new, default = plain(saved), plain(cfg.to_dict()), plain(RunConfig().to_dict())
+    old, new, default = plain(dict(moved_keys(saved)[0])), plain(cfg.to_dict()), plain(RunConfig().to_dict())
     here = str(resolve_model_dtype("auto", resolve_device(cfg.model.device))).removeprefix("torch.")
     device = resolve_device(cfg.model.device)
     for key in ("train.precision", "eval.precision"):

@@ -250,4 +250,33 @@ def markdown_reference() -> str:
             default = "unset" if k.default is None else f"`{toml_value(k.default)}`"
             cells = [f"`{k.key}`", k.type, default, _plain(k.meaning)]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _method_options_section()) + "\n"
+
+
+def _method_options_section() -> list[str]:
+    """Every method's own options (``federation.method_options``), read from its constructor."""
+    from flexlora.config import RUN_SETS
+    from flexlora.methods import METHODS, method_options, option_types
+
+    sets = ", ".join(f"`{option}` from `{key}`" for option, key in RUN_SETS.items())
+    out = [
+        "",
+        "## `federation.method_options`, per method",
+        "",
+        "A method's own settings, its client side's included, are options of the method (its constructor's:",
+        "typed and range-checked before any work; `flexlora aggregate --option KEY=VALUE` takes the same).",
+        f"A run sets {sets}.",
+        "",
+        "| method | paper | options: type (default) |",
+        "|---|---|---|",
+    ]
+    for name, cls in METHODS.items():
+        params, hints = inspect.signature(cls).parameters, option_types(cls)
+        own = [o for o in method_options(cls) if o not in RUN_SETS and o in params]
+        default = {o: "unset" if params[o].default is None else f"`{toml_value(params[o].default)}`" for o in own}
+        cells = [f"`{name}`", cls.paper, ", ".join(f"`{o}`: {_type_name(hints[o])} ({default[o]})" for o in own) or "none"]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    moved = [f"`train.{old}` -> `{option}` ({cls.name})" for cls in METHODS.values() for old, option in cls.former_train_keys.items()]
+    if moved:
+        out += ["", "Keys that moved here from `[train]` still load, with a one-line deprecation note: " + ", ".join(moved) + "."]
+    return out

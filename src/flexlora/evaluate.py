@@ -27,19 +27,19 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from flexlora.data.prompts import TEMPLATES, Template, encode_prompt
+from flexlora.config import EvalConfig, RougeTokenizer
+from flexlora.data.prompts import encode_prompt
 from flexlora.data.types import ClientData, Example
-from flexlora.models import plain_head_parts
-from flexlora.precision import PRECISIONS, autocast_for, resolve_precision
+from flexlora.models import model_device, plain_head_parts
+from flexlora.precision import autocast_for, pass_precision
 from flexlora.stats import record_intervals
 
 __all__ = [
-    "EvalConfig",
     "EvalResult",
     "UnicodeRougeTokenizer",
     "encode_prompts",
@@ -50,50 +50,10 @@ __all__ = [
     "teacher_forced",
 ]
 
-Split = Literal["eval", "test"]
-RougeTokenizer = Literal["default", "unicode"]
 
 # Model families whose causal-LM head is exactly ``lm_head(decoder(...).last_hidden_state)`` -- no
 # logit soft-capping or scaling -- so the head can be applied to the labelled positions only.
 
-
-@dataclass
-class EvalConfig:
-    """How to evaluate. Defaults favour affordable CPU runs, not the paper's full test sets.
-
-    ``examples_per_client`` caps each client's examples (the first ones, in order, so runs are
-    reproducible); ``None`` evaluates all. ``rouge_tokenizer="default"`` is rouge-score's own
-    tokenizer (lowercase, ASCII ``[a-z0-9]`` only, Porter stemming): it drops every non-ASCII
-    character, so e.g. a translation into Urdu scores 0 whatever the model writes.
-    ``"unicode"`` keeps letters and digits of every script (see :class:`UnicodeRougeTokenizer`) and
-    is identical to the default on ASCII text; it is not the paper's setting.
-    """
-
-    template: Template = "alpaca"  # the prompt format (as in training)
-    max_prompt_tokens: int = 512  # longer prompts are cut
-    max_new_tokens: int = 64  # greedy generation stops at EOS or after this many tokens
-    batch_size: int = 8  # prompts generated together
-    examples_per_client: int | None = None  # score at most this many examples per client (the first ones); unset: all
-    split: Split = "eval"  # which of each client's splits is scored
-    teacher_forced: bool = False  # also report the official code's teacher-forced Rouge-L proxy (not the paper's number)
-    eval_loss: bool = False  # also report the mean token cross-entropy on the references (proxy_eval_loss)
-    rouge_tokenizer: RougeTokenizer = "default"  # "default" (rouge-score: ASCII only, the paper's) | "unicode" (every script)
-    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast" for the forward passes; see pass_precision
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
-        if self.split not in ("eval", "test"):
-            raise ValueError(f"split must be 'eval' or 'test', got {self.split!r}")
-        if self.rouge_tokenizer not in ("default", "unicode"):
-            raise ValueError(f"rouge_tokenizer must be 'default' or 'unicode', got {self.rouge_tokenizer!r}")
-        for name in ("max_prompt_tokens", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.examples_per_client is not None and self.examples_per_client < 1:
-            raise ValueError(f"examples_per_client must be >= 1 or None, got {self.examples_per_client}")
 
 
 @dataclass
@@ -185,28 +145,6 @@ def _pad_id(tokenizer: Any, eos_ids: Sequence[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-EvalPass = Literal["generation", "scoring"]
-# The passes where "auto" turns bf16 autocast on (on a CPU with native bfloat16): none, by measurement
-# (SmolLM2, 2 cores; README "Mixed precision on the CPU"): generation gains 1.10x and changes 4 of 16
-# greedy outputs (benchmarks/eval_throughput.py --precision); on the demo's final adapters bf16 raised the
-# eval loss from 2.669 / 2.587 to 2.685 / 2.624: under autocast a merged update is rounded with its weight
-# to bfloat16, and an attached adapter's output is added in bfloat16, so small updates are partly lost.
-# "bf16-autocast" remains available.
-AUTO_BF16_PASSES: frozenset[str] = frozenset()
-
-
-def pass_precision(cfg: EvalConfig, device: torch.device, which: EvalPass) -> str:
-    """The precision of one kind of evaluation pass: ``"generation"`` (greedy decoding) or
-    ``"scoring"`` (the teacher-forced proxies' forward pass). An explicit ``cfg.precision`` holds for
-    both; ``"auto"`` is bf16 autocast only for the passes in :data:`AUTO_BF16_PASSES`, where it was
-    measured to pay on a CPU with native bfloat16, and float32 for the others."""
-    if cfg.precision == "auto" and which not in AUTO_BF16_PASSES:
-        return "float32"
-    return resolve_precision(cfg.precision, device)
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -247,7 +185,7 @@ def _generate_ids(
     """Greedy new-token ids per prompt (in input order), cut after the first EOS (kept)."""
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
-    device = _device(model)
+    device = model_device(model)
     precision = pass_precision(cfg, device, "generation")
     out: list[list[int]] = [[] for _ in prompts]
     for batch in _length_batches([len(p) for p in prompts], cfg.batch_size):
@@ -339,7 +277,7 @@ def teacher_forced(
     encoded = [_tf_encode(tokenizer, ex, cfg) for ex in examples]
     # Right padding is masked and never a label, so any id will do.
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    device = _device(model)
+    device = model_device(model)
     parts = None if full_logits else plain_head_parts(model)
     precision = pass_precision(cfg, device, "scoring")
     results: list[dict[str, Any]] = [{} for _ in examples]
@@ -491,7 +429,7 @@ def evaluate_clients(
         generated_tokens=sum(counts),
         seconds=time.perf_counter() - start,
         generation_seconds=gen_seconds,
-        config=asdict(cfg),
+        config=cfg.settings(),
     )
     result.intervals = record_intervals(result.to_dict())
     return result

@@ -238,7 +238,8 @@ def is_quantized(model) -> bool:
 
 
 def model_device(model) -> torch.device:
-    """Where a model's weights are (the first parameter's device)."""
+    """Where a model's weights are (its first parameter's device): the one helper every module asks
+    (training, evaluation, the runners), so "the model's device" means the same thing everywhere."""
     return next(model.parameters()).device
 
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "autocast_for", "cpu_has_native_bf16", "explain_precision", "resolve_precision"]
+if TYPE_CHECKING:
+    from flexlora.config import EvalConfig
+
+__all__ = ["AUTO_BF16_PASSES", "PRECISIONS", "Precision", "autocast_for", "cpu_has_native_bf16", "explain_precision", "pass_precision", "resolve_precision"]
 
 Precision = Literal["auto", "float32", "bf16-autocast"]
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bf16-autocast")
@@ -80,6 +83,26 @@ def explain_precision(precision: str, device: torch.device | str) -> str:
     if torch.device(device).type != "cpu":
         return f"{resolved} (auto: on {torch.device(device).type} model.dtype decides)"
     return f"{resolved} (auto: this CPU {'multiplies' if cpu_has_native_bf16() else 'does not multiply'} bfloat16 natively)"
+
+
+EvalPass = Literal["generation", "scoring"]
+# The passes where "auto" turns bf16 autocast on (on a CPU with native bfloat16): none, by measurement
+# (SmolLM2, 2 cores; README "Mixed precision on the CPU"): generation gains 1.10x and changes 4 of 16
+# greedy outputs (benchmarks/eval_throughput.py --precision); on the demo's final adapters bf16 raised the
+# eval loss from 2.669 / 2.587 to 2.685 / 2.624: under autocast a merged update is rounded with its weight
+# to bfloat16, and an attached adapter's output is added in bfloat16, so small updates are partly lost.
+# "bf16-autocast" remains available.
+AUTO_BF16_PASSES: frozenset[str] = frozenset()
+
+
+def pass_precision(cfg: EvalConfig, device: torch.device | str, which: EvalPass) -> str:
+    """The precision of one kind of evaluation pass: ``"generation"`` (greedy decoding) or
+    ``"scoring"`` (the teacher-forced proxies' forward pass). An explicit ``cfg.precision`` holds for
+    both; ``"auto"`` is bf16 autocast only for the passes in :data:`AUTO_BF16_PASSES`, where it was
+    measured to pay on a CPU with native bfloat16, and float32 for the others."""
+    if cfg.precision == "auto" and which not in AUTO_BF16_PASSES:
+        return "float32"
+    return resolve_precision(cfg.precision, device)
 
 
 @contextlib.contextmanager

@@ -407,9 +407,8 @@ class RoundEngine:
         FlexLoRA state (full rank: (d_out + d_in) min(d_out, d_in) numbers, more than the dense
         update) shrinks to (d_out + d_in) r_max. Kept whole: the last round's (``final/`` is written
         from it), under [privacy] (the next update is added to the whole previous one), and for
-        a method that reads its state another way (its own ``share_for``)."""
-        own_share = type(self.method).share_for is not AggregationMethod.share_for
-        if last_round or self.cfg.privacy.clips or own_share:
+        a method whose share reads more than the leading ranks (``share_reads_leading_ranks``)."""
+        if last_round or self.cfg.privacy.clips or not self.method.share_reads_leading_ranks:
             return state
         caps = self.servable_ranks()
         adapter, cut = {}, {}

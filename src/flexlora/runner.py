@@ -17,16 +17,16 @@ from torch import Tensor
 
 from flexlora.algorithms import get_algorithm
 from flexlora.base_eval import BaseEvaluations, evaluation_key, model_digest
-from flexlora.config import RunConfig
+from flexlora.config import EvalConfig, RunConfig
 from flexlora.data.clients import load_clients, why_nothing_to_evaluate
 from flexlora.data.types import ClientData
 from flexlora.diagnostics import spectrum_summary
-from flexlora.evaluate import EvalConfig, evaluate_clients, pass_precision
+from flexlora.evaluate import evaluate_clients
 from flexlora.methods import AggregationMethod, get_method
-from flexlora.models import is_low_precision, is_quantized, load_model, resolve_device, resolve_dtype, weight_is_transposed
+from flexlora.models import is_low_precision, is_quantized, load_model, model_device, resolve_device, resolve_dtype, weight_is_transposed
 from flexlora.output import RunOutput
 from flexlora.peft_io import write_adapter
-from flexlora.precision import explain_precision
+from flexlora.precision import explain_precision, pass_precision
 from flexlora.resources import group_members, module_group, target_module_names, unmatched_targets
 from flexlora.rounds import Federation, RoundEngine, build_federation
 from flexlora.stats import summary_intervals
@@ -187,7 +187,7 @@ class GlobalModel:
                 f"lora.targets names no layer of this model: {', '.join(info['unmatched_targets'])} (they train nothing; "
                 'lora.targets = "all-linear" trains every linear layer)'
             )
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         scoring = f", scoring {pass_precision(self.cfg.eval, device, 'scoring')}" if self.cfg.eval.eval_loss or self.cfg.eval.teacher_forced else ""
         lines.append(f"precision: training {explain_precision(self.cfg.train.precision, device)}; evaluation: generation {pass_precision(self.cfg.eval, device, 'generation')}{scoring}")
         note = self.eval_note()
@@ -217,8 +217,7 @@ class GlobalModel:
         apply_dense_delta(self.model, deltas, self.originals)
 
     def evaluate(self, state: ServerState) -> dict[str, Any]:
-        cfg = self.cfg.eval
-        ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
+        ecfg = self.cfg.eval
         if self.evaluate_as_adapter:
             return self._evaluate_as_adapter(state, ecfg)
         self.set_base_weights(self.adapter_deltas(state))
@@ -235,9 +234,8 @@ class GlobalModel:
         scoring the same thing again (``shared_from`` names the run)."""
         if self.base_evals is None or self.engine.merged or any(gm.rank for gm in state.adapter.values()):
             return self.evaluate(state)
-        cfg = self.cfg.eval
-        ecfg = EvalConfig(**{k: getattr(cfg, k) for k in EvalConfig.__dataclass_fields__})
-        key = evaluation_key(model_digest(self.model, self.tokenizer), next(self.model.parameters()).device, self.fed.eval_clients, ecfg)
+        ecfg = self.cfg.eval
+        key = evaluation_key(model_digest(self.model, self.tokenizer), model_device(self.model), self.fed.eval_clients, ecfg)
         record, source = self.base_evals.get(key, self.cfg.name, lambda: self.evaluate(state))
         if source is not None:
             print(f"{self.cfg.name}: round 0 evaluates the base model, as {source} did with the same examples and settings: its record is reused", file=sys.stderr)

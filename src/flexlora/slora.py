@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from flexlora.config import TrainConfig
 from flexlora.data.types import ClientData
 from flexlora.failures import client_failure, garbage_deltas
 from flexlora.models import is_low_precision, model_device, weight_is_transposed
@@ -37,7 +38,6 @@ from flexlora.seeds import derived_seed
 from flexlora.train import (
     OUT_OF_MEMORY,
     ClientOutOfMemory,
-    TrainConfig,
     hold_in_float32,
     release_accelerator_memory,
     tokenize_client,

@@ -24,9 +24,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from flexlora.data.prompts import Template, encode_for_training
+from flexlora.config import TrainConfig
+from flexlora.data.prompts import encode_for_training
 from flexlora.data.types import ClientData
-from flexlora.models import is_low_precision, plain_head_parts, weight_is_transposed
+from flexlora.models import is_low_precision, model_device, plain_head_parts, weight_is_transposed
 from flexlora.precision import autocast_for, resolve_precision
 from flexlora.update import ClientUpdate, LoraFactors, ModuleSpec
 
@@ -34,34 +35,6 @@ ADAPTER = "default"
 # torch.OutOfMemoryError appeared in torch 2.5; torch.cuda.OutOfMemoryError is older (and the same class since)
 OUT_OF_MEMORY = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 
-
-@dataclass
-class TrainConfig:
-    """Local training. ``optimizer``: "adamw" (FedIT) or "sgd" (FedAvg); the step count is
-    ``local_epochs`` over the client's data unless ``max_steps`` caps it."""
-
-    optimizer: str = "adamw"  # "adamw" (FedIT) | "sgd" (FedAvg)
-    lr: float = 2e-4  # local learning rate
-    weight_decay: float = 0.0  # the optimizer's weight decay
-    momentum: float = 0.0  # sgd only
-    local_epochs: float = 1.0  # passes over the client's data per round (fractions allowed)
-    max_steps: int | None = None  # caps the optimizer steps per round
-    batch_size: int = 4  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_length: int = 320  # tokens per training example (prompt + response), longer ones are cut
-    train_on_inputs: bool = True  # the paper's choice: loss over the whole sequence
-    template: Template = "alpaca"  # the prompt format: "alpaca" (the paper's) or the tokenizer's "chat" template
-    lora_dropout: float = 0.05  # dropout on the LoRA branch's input (the paper: 0.05)
-    grad_clip: float | None = 1.0  # clip the gradient norm to this (unset or 0: no clipping)
-    max_examples: int | None = None  # use at most this many of a client's training examples
-    hetlora_lambda: float = 0.0  # HetLoRA (aggregation = hetlora): > 0 adds its self-pruning regulariser
-    hetlora_gamma: float = 0.99  # HetLoRA: the regulariser and pruning keep rank floor(gamma * r)
-    hetlora_prune: bool = False  # HetLoRA: rank self-pruning after local training
-    freeze_A: bool = False  # train B only (set by the method: FFA-LoRA always, RoLoRA in its B rounds)
-    freeze_B: bool = False  # train A only (set by the method: RoLoRA in its A rounds)
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less GPU memory, ~30% more time
-    deterministic: bool = False  # CUDA: deterministic kernels + cuBLAS workspace + math attention (slower); see use_deterministic_kernels
-    precision: str = "auto"  # "auto" | "float32" | "bf16-autocast": the forward/backward passes (flexlora.precision); factors stay float32
 
 
 class ClientOutOfMemory(RuntimeError):
@@ -174,10 +147,6 @@ def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Te
         return dict(batch)
     pin = device.type == "cuda"
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 class _LossLog:
@@ -414,7 +383,7 @@ class LocalTrainer:
                 opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             else:
                 opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            device = _model_device(peft_model)
+            device = model_device(peft_model)
             if resolve_precision(cfg.precision, device) == "bf16-autocast":
                 hooks += self.sum_adapter_in_float32(peft_model, list(spec))
             peft_model.train()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from torch import Tensor
 
 from flexlora.failures import client_failure, garbage_update
-from flexlora.flower.payloads import _flwr, arrays_to_factors, arrays_to_tensors, config_from_json, config_to_json, config_to_spec, factors_to_arrays
+from flexlora.flower.payloads import arrays_to_factors, arrays_to_tensors, config_from_json, config_to_json, config_to_spec, factors_to_arrays, flwr_app
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import Context, Message
@@ -124,7 +124,7 @@ def node_profile(node_config: Mapping[str, Any], cfg: "RunConfig") -> NodeProfil
 
 def handle_query(msg: "Message", context: "Context") -> "Message":
     """ClientApp ``query``: report this node's profile."""
-    app = _flwr()
+    app = flwr_app()
     cfg = config_from_json(str(msg.content["config"]["run-config"]), context.node_config)
     profile = node_profile(context.node_config, cfg)
     return app.Message(app.RecordDict({"profile": app.ConfigRecord(profile.to_config())}), reply_to=msg)
@@ -132,7 +132,7 @@ def handle_query(msg: "Message", context: "Context") -> "Message":
 
 def handle_train(msg: "Message", context: "Context") -> "Message":
     """ClientApp ``train``: load the share at this node's ranks, train locally, send the factors."""
-    app = _flwr()
+    app = flwr_app()
     from flexlora.train import apply_dense_delta
 
     conf = msg.content["config"]

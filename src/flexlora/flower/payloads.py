@@ -42,7 +42,9 @@ class FlowerRunError(RuntimeError):
     """The Flower run cannot go on (too few nodes, too few replies); the message says why."""
 
 
-def _flwr():
+def flwr_app():
+    """``flwr.app`` (Message, RecordDict, ArrayRecord ...), imported when first needed, so the rest of
+    flexlora imports without Flower; a missing install is one line naming the extra to add."""
     try:
         import flwr.app as app
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -65,7 +67,7 @@ def transport_dtype(name: str) -> torch.dtype:
 
 def tensors_to_arrays(tensors: Mapping[str, Tensor], transport: str = "float32") -> "ArrayRecord":
     """Tensors (CPU, any float dtype) as an ArrayRecord in the ``transport`` dtype (see TRANSPORT_DTYPES)."""
-    app = _flwr()
+    app = flwr_app()
     dtype = transport_dtype(transport)
     arrays = {}
     for key, t in tensors.items():
@@ -76,7 +78,7 @@ def tensors_to_arrays(tensors: Mapping[str, Tensor], transport: str = "float32")
 
 def factors_to_arrays(factors: Mapping[str, LoraFactors], dtype: torch.dtype = torch.float32) -> "ArrayRecord":
     """``{name}.A`` / ``{name}.B`` arrays (C-order, ``dtype``) in an ArrayRecord."""
-    app = _flwr()
+    app = flwr_app()
     arrays = {}
     for name, f in factors.items():
         arrays[f"{name}.A"] = app.Array(f.A.detach().to(dtype).contiguous().numpy())
@@ -111,7 +113,7 @@ def arrays_to_factors(record: "ArrayRecord", scales: Mapping[str, float]) -> dic
 
 
 def spec_to_config(spec: Mapping[str, ModuleSpec]) -> "ConfigRecord":
-    app = _flwr()
+    app = flwr_app()
     names = list(spec)  # the spec's order is the optimizer's parameter order: keep it
     return app.ConfigRecord(
         {

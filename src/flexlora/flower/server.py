@@ -19,10 +19,10 @@ from flexlora.flower.payloads import (
     SUMMARY,
     TRAIN,
     FlowerRunError,
-    _flwr,
     arrays_to_factors,
     config_to_json,
     factors_to_arrays,
+    flwr_app,
     message_nbytes,
     spec_to_config,
 )
@@ -162,7 +162,7 @@ class FlowerServer:
     def _query(self, nodes: list[int]) -> dict[int, NodeProfile]:
         """Ask ``nodes`` who they are; returns the profiles of those that answered well. A node is
         asked once (a node that does not answer within ``node-wait-timeout`` is not waited for again)."""
-        app = _flwr()
+        app = flwr_app()
         s = self.settings
         msgs = [
             app.Message(
@@ -300,7 +300,7 @@ class FlowerServer:
         """Plan the round with the engine, send every node its own message, collect the replies."""
         from flexlora.rounds import RoundOutcome, factor_bytes, metrics_entry
 
-        app = _flwr()
+        app = flwr_app()
         engine, s = self.engine, self.settings
         self.refresh_nodes(rnd)
         plan = engine.plan(rnd, state, budgets={cid: p.budget_mib for cid, p in self.profiles.items()})

@@ -46,13 +46,20 @@ class AggregationMethod(ABC):
     :meth:`local_training` (which factors local training trains in a round, and its other settings),
     :meth:`local_penalty` (an extra loss term), :meth:`after_local_training` (e.g. rank self-pruning) and :meth:`cap_spec` (ranks a client's
     persistent state allows). A method that merges its update into the base weights returns a state
-    with ``base_delta`` set. ``client_options`` names the ``train.*`` settings only this method reads.
+    with ``base_delta`` set. Every setting only this method reads, server or client side, is a
+    constructor option (``federation.method_options``: typed and range-checked by the constructor);
+    ``former_train_keys`` maps the ``train.*`` keys older versions had for them to those options.
     """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     supports_heterogeneous_ranks: ClassVar[bool] = True
-    client_options: ClassVar[tuple[str, ...]] = ()
+    former_train_keys: ClassVar[Mapping[str, str]] = {}  # an older version's train.<key> -> this method's option
+    # A share of rank r reads only the state's first r columns of B and rows of A (the default
+    # share_for), so a checkpoint between rounds may keep just the ranks some client can be served.
+    # A method whose share_for reads more of its state sets this False (a subclass that overrides
+    # share_for without saying gets False).
+    share_reads_leading_ranks: ClassVar[bool] = True
     merges_into_base: ClassVar[bool] = False  # its state carries base_delta: every client merges it into its base weights
     restarts_adapter: ClassVar[bool] = False  # every client restarts LoRA from a fresh init each round (FLoRA, FLoRIST)
     # Central DP (flexlora.privacy): "sum" when the state is computed from the exact weighted sum alone
@@ -67,6 +74,11 @@ class AggregationMethod(ABC):
     shares_text: ClassVar[str] = (
         "each input's share of the global update at its own ranks: the adapter that input's client continues from"
     )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "share_for" in cls.__dict__ and "share_reads_leading_ranks" not in cls.__dict__:
+            cls.share_reads_leading_ranks = False
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.dtype = dtype  # the dtype the server computes in
@@ -204,8 +216,9 @@ class AggregationMethod(ABC):
         p = data_size_weights(updates) if weights is None else normalise_weights(list(weights), updates)
         return updates, p
 
-    def _state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate | str], p: Sequence[float], **info) -> ServerState:
-        """The state of a round; ``updates`` (or their client ids) name the weights ``p``."""
+    def round_state(self, round: int, adapter: dict[str, GlobalModule], updates: Sequence[ClientUpdate | str], p: Sequence[float], **info) -> ServerState:
+        """The state of a round, as ``aggregate`` and the method's accumulator return it; ``updates``
+        (or their client ids) name the weights ``p``."""
         return ServerState(
             method=self.name,
             round=round,

@@ -39,7 +39,7 @@ class FedAvg(AggregationMethod):
             B = sum(w * sB for w, (sB, _) in zip(p, pairs))
             A = sum(w * A for w, (_, A) in zip(p, pairs))
             adapter[name] = GlobalModule(A=A, B=B)
-        return self._state(round, adapter, updates, p)
+        return self.round_state(round, adapter, updates, p)
 
     def streaming_accumulator(self) -> "FactorMean":
         return FactorMean(self)
@@ -85,4 +85,4 @@ class FactorMean(Accumulator):
         adapter = {
             name: GlobalModule(A=self.A[name] if self.shared_A else self.A[name] / total, B=self.B[name] / total) for name in self.skeleton.modules
         }
-        return self.method._state(round, adapter, self.client_ids, p)
+        return self.method.round_state(round, adapter, self.client_ids, p)

@@ -43,7 +43,7 @@ class FFALoRA(AggregationMethod):
                 self.check_shared_A(u.client_id, name, A, A0)
             B = sum(w * sB for w, (sB, _) in zip(p, pairs))
             adapter[name] = GlobalModule(A=A0.clone(), B=B)
-        return self._state(round, adapter, updates, p)
+        return self.round_state(round, adapter, updates, p)
 
     def streaming_accumulator(self) -> Accumulator:
         """B's weighted sum folded as the updates arrive; the first client's A is kept and every

@@ -72,7 +72,7 @@ class FlexLoRA(AggregationMethod):
         done = dict(zip(names, map_modules(synthesise, names, self.device)))  # modules are independent
         adapter = {name: gm for name, (gm, _) in done.items()}
         paths = {name: path for name, (_, path) in done.items()}
-        return self._state(round, adapter, updates, p, svd_paths=paths)
+        return self.round_state(round, adapter, updates, p, svd_paths=paths)
 
     def streaming_accumulator(self) -> "FlexLoRASum":
         return FlexLoRASum(self)
@@ -126,4 +126,4 @@ class FlexLoRASum(Accumulator):
         done = dict(zip(names, map_modules(synthesise, names, m.device)))
         adapter = {name: gm for name, (gm, _) in done.items()}
         paths = {name: path for name, (_, path) in done.items()}
-        return m._state(round, adapter, self.client_ids, p, svd_paths=paths)
+        return m.round_state(round, adapter, self.client_ids, p, svd_paths=paths)

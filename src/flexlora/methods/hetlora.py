@@ -15,7 +15,10 @@ Distribution: a client of rank r takes the first r columns / rows of the padded 
 Client: rank self-pruning adds ``lambda * ||B[:, q:]||_F * ||A[q:, :]||_F`` with
 ``q = floor(gamma * r)`` to the loss, and drops the tail when it has become small
 (:func:`self_pruning_penalty`, applied in local training with gradients; :func:`self_prune` after it,
-which the simulator applies when ``train.hetlora_prune`` is set and remembers per client).
+which runners apply when ``prune`` is set and remember per client). The client side's settings are
+this method's options, beside ``weighting``: ``penalty`` (the paper's lambda; 0, the default, adds
+no term), ``gamma`` and ``prune`` (``federation.method_options``; older configs' ``train.hetlora_lambda``,
+``train.hetlora_gamma`` and ``train.hetlora_prune`` still load, with a deprecation message).
 """
 
 from __future__ import annotations
@@ -42,13 +45,32 @@ class HetLoRA(AggregationMethod):
     )
     dp_note = "its weights are the clients' update norms, so one client changes every other client's weight"
     paper = "Cho et al., EMNLP 2024 (arXiv:2401.06432)"
-    client_options = ("hetlora_lambda", "hetlora_prune")  # train.hetlora_gamma is their shared parameter
+    former_train_keys = {"hetlora_lambda": "penalty", "hetlora_gamma": "gamma", "hetlora_prune": "prune"}
 
-    def __init__(self, weighting: Weighting = "norm", dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        weighting: Weighting = "norm",
+        penalty: float = 0.0,
+        gamma: float = 0.99,
+        prune: bool = False,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """``penalty`` (lambda >= 0) weighs the self-pruning regulariser in local training (0: none);
+        ``gamma`` in (0, 1] is the rank the regulariser and pruning keep, floor(gamma * r); ``prune``
+        turns on rank self-pruning between rounds."""
         super().__init__(dtype=dtype, seed=seed, device=device)
         if weighting not in ("norm", "client", "data", "norm_x_data"):
             raise ValueError(f"weighting must be 'norm', 'client', 'data' or 'norm_x_data', got {weighting!r}")
+        if not (math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"penalty must be a finite number >= 0, got {penalty}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.weighting = weighting
+        self.penalty = float(penalty)
+        self.gamma = float(gamma)
+        self.prune = bool(prune)
 
     def aggregate(self, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None, round: int = 0) -> ServerState:
         updates, p_data = self._prepare(updates, weights)
@@ -63,7 +85,7 @@ class HetLoRA(AggregationMethod):
             A = sum(wk * zero_pad(A, r_max, dim=0) for wk, (_, A) in zip(w, pairs))
             adapter[name] = GlobalModule(A=A, B=B)
             module_weights[name] = w
-        return self._state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
+        return self.round_state(round, adapter, updates, p_data, module_weights=module_weights, weighting=self.weighting)
 
     @property
     def uses_weights(self) -> bool:
@@ -76,22 +98,22 @@ class HetLoRA(AggregationMethod):
 
     # -- the client side ---------------------------------------------------------------------------
     def local_penalty(self, train) -> LocalPenalty | None:
-        """The self-pruning regulariser, ``lambda * sum over modules of ||B[:, q:]|| ||A[q:, :]||``."""
-        if train.hetlora_lambda <= 0:
+        """The self-pruning regulariser, ``penalty * sum over modules of ||B[:, q:]|| ||A[q:, :]||``."""
+        if self.penalty <= 0:
             return None
-        gamma = train.hetlora_gamma
-        return LocalPenalty(train.hetlora_lambda, lambda pairs: sum(self_pruning_penalty(A, B, gamma) for A, B in pairs))
+        gamma = self.gamma
+        return LocalPenalty(self.penalty, lambda pairs: sum(self_pruning_penalty(A, B, gamma) for A, B in pairs))
 
     def after_local_training(self, updates, client_state, train):
-        """Rank self-pruning (``train.hetlora_prune``): a client whose tail norm shrank since its previous
-        round drops its tail ranks, and keeps training at the pruned ranks (remembered in ``client_state``)."""
-        if not train.hetlora_prune:
+        """Rank self-pruning (``prune``): a client whose tail norm shrank since its previous round
+        drops its tail ranks, and keeps training at the pruned ranks (remembered in ``client_state``)."""
+        if not self.prune:
             return list(updates), {}
         tails = client_state.setdefault("hetlora_tails", {})
         ranks = client_state.setdefault("hetlora_ranks", {})
         out, notes = [], {}
         for u in updates:
-            pruned, tail, did = self_prune(u, train.hetlora_gamma, tails.get(u.client_id))
+            pruned, tail, did = self_prune(u, self.gamma, tails.get(u.client_id))
             tails[u.client_id] = tail
             notes[u.client_id] = {"tail_norm": tail}
             if did:
@@ -172,7 +194,7 @@ class PaddedMean(Accumulator):
             else:
                 adapter[name] = GlobalModule(A=Aw / total, B=Bw / total)
             module_weights[name] = m._weights(self.norms.pop(name), p_data)  # as aggregate records them
-        return m._state(round, adapter, self.client_ids, p_data, module_weights=module_weights, weighting=m.weighting)
+        return m.round_state(round, adapter, self.client_ids, p_data, module_weights=module_weights, weighting=m.weighting)
 
 
 def self_pruning_penalty(A: Tensor, B: Tensor, gamma: float) -> Tensor:

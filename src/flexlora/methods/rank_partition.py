@@ -51,7 +51,7 @@ class RankPartition(AggregationMethod):
                 A[:r] += w * Ak
                 col_weight[:r] += w
             adapter[name] = self._global(B, A, col_weight)
-        return self._state(round, adapter, updates, p, redistribute=self.redistribute)
+        return self.round_state(round, adapter, updates, p, redistribute=self.redistribute)
 
     def _global(self, B: torch.Tensor, A: torch.Tensor, col_weight: torch.Tensor) -> GlobalModule:
         B /= col_weight  # every column j <= r_max has at least one owner, so no zero division
@@ -95,4 +95,4 @@ class PartitionSums(Accumulator):
     def finish(self, round: int = 0) -> ServerState:
         p = self.normalised()
         adapter = {name: self.method._global(*self.sums.pop(name)) for name in self.skeleton.modules}
-        return self.method._state(round, adapter, self.client_ids, p, redistribute=self.method.redistribute)
+        return self.method.round_state(round, adapter, self.client_ids, p, redistribute=self.method.redistribute)

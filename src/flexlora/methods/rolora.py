@@ -87,7 +87,7 @@ class RoLoRA(AggregationMethod):
                 self._check_frozen(updates, name, "B", [b for b, _ in pairs], B, rows=False)
                 A = sum(w * zero_pad(a, r_max, dim=0) for w, (_, a) in zip(p, pairs))
             adapter[name] = GlobalModule(A=A.clone(), B=B.clone())
-        return self._state(round, adapter, updates, p, trained=trained)
+        return self.round_state(round, adapter, updates, p, trained=trained)
 
     def add_factor_noise(self, state: ServerState, std: float, generator: torch.Generator, factors: Sequence[str] | None = None) -> ServerState:
         """DP: noise on the round's trained factor only; the frozen one came from the server unchanged."""

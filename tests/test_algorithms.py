@@ -147,14 +147,17 @@ def test_rslora_runs_with_alpha_over_sqrt_r(shared, tmp_path):
     assert summary["dropped_updates"] == 0  # PEFT's scaling matched the shares' (load_share checks it)
 
 
-def test_the_old_fedavg_algorithm_name_still_loads_says_its_new_name_and_resumes_old_checkpoints(capsys):
-    from flexlora.algorithms import ALGORITHMS
-    from flexlora.config import config_changes
+def test_the_old_fedavg_algorithm_name_still_loads_says_its_new_name_and_resumes_old_checkpoints():
+    import warnings
 
-    old = load_config(SMOKE, ['federation.algorithm="fedavg"'])
-    assert "is now called 'fedavg_sgd'" in capsys.readouterr().err
-    new = load_config(SMOKE, ['federation.algorithm="fedavg_sgd"'])
-    assert capsys.readouterr().err == ""
+    from flexlora.algorithms import ALGORITHMS
+    from flexlora.config import ConfigDeprecation, config_changes
+
+    with pytest.warns(ConfigDeprecation, match="is now called 'fedavg_sgd'"):
+        old = load_config(SMOKE, ['federation.algorithm="fedavg"'])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = load_config(SMOKE, ['federation.algorithm="fedavg_sgd"'])
     assert old.to_dict() == new.to_dict() and new.train.optimizer == ALGORITHMS["fedavg_sgd"].optimizer == "sgd"
     saved = new.to_dict()  # config.json of a run made before the rename
     saved["federation"]["algorithm"] = "fedavg"

@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,8 +432,8 @@ def validate(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"federation.method_options: {e}") from None
     fed.algorithm, renamed = algorithm_name(fed.algorithm)
-    if renamed:
-        print(renamed, file=sys.stderr)
+    if renamed:  # the same one-line note as a moved key's
+        warnings.warn_explicit(renamed, ConfigDeprecation, "flexlora config", 0, module=__name__)
     if fed.algorithm not in ALGORITHMS:
         raise ConfigError(f"federation.algorithm: {fed.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     algorithm = ALGORITHMS[fed.algorithm]

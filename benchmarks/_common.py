@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import resource
 import shlex
 import sys
@@ -111,6 +112,22 @@ def write_json(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, default=_default) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def save_and_show(path: Path, result: dict[str, Any], headline: tuple[str, ...]) -> Path:
+    """Save ``result`` (:func:`write_json`) and print its ``headline`` keys and where it went."""
+    path = write_json(Path(path), result)
+    print(json.dumps({k: result[k] for k in headline}, indent=2))
+    print(f"-> {path}")
+    return path
+
+
+def remove_work_folder(work: Path, keep: bool) -> None:
+    """A benchmark's temporary working folder: removed, or kept and named (``--keep``)."""
+    if keep:
+        print(f"working folder: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _default(o: Any) -> Any:

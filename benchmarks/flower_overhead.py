@@ -25,7 +25,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test helpers: the in-process grid
-from _common import RESULTS_DIR, environment, write_json  # noqa: E402
+from _common import RESULTS_DIR, environment, remove_work_folder, save_and_show  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -156,14 +155,9 @@ def main() -> None:
                 "machine shared with other jobs: see environment.machine.loadavg_at_start",
             ],
         }
-        path = write_json(Path(args.out), result)
-        print(json.dumps({k: result[k] for k in ("round_seconds", "overhead_seconds_per_round", "bytes_per_round_total")}, indent=2))
-        print(f"-> {path}")
+        save_and_show(args.out, result, ("round_seconds", "overhead_seconds_per_round", "bytes_per_round_total"))
     finally:
-        if args.keep:
-            print(f"working folder: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work_folder(work, args.keep)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, loopback_module, write_json  # noqa: E402
+from _common import RESULTS_DIR, environment, loopback_module, remove_work_folder, save_and_show  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "flowertune"
@@ -158,18 +157,13 @@ def main() -> None:
                 "a round = configure_train .. end of aggregate_train at the server (strategy.json); round 1 includes the rank query (and, under simulation, Ray's actor start)",
                 "wall_seconds: the whole path (start-up, flwr run, shut-down); flwr_run_seconds: `flwr run --stream` alone",
                 "deployment: four ClientApp processes per round run concurrently on the machine's cores; simulation: floor(cores / num-cpus) Ray actors, each serving message after message",
-                "train losses: round 1 is the same on every path (same initial global, same seeds); later rounds may differ at float32 rounding: the strategy folds the replies in node-id order, and Flower gives nodes random ids (in-process: 1..4); swapping the ids in-process changes later losses by ~1e-8 relative",
+                "train losses: the strategy folds the replies in an order set by their content (flexlora.flower.strategy.reply_order), so the node ids Flower draws at each start do not change the bits",
                 "machine shared with other jobs (CPU work serialised by a lock): see environment.machine.loadavg_at_start",
             ],
         }
-        path = write_json(Path(args.out), result)
-        print(json.dumps({k: result[k] for k in ("round_seconds", "train_loss_max_rel_diff_vs_inprocess")}, indent=2))
-        print(f"-> {path}")
+        save_and_show(args.out, result, ("round_seconds", "train_loss_max_rel_diff_vs_inprocess"))
     finally:
-        if args.keep:
-            print(f"working folder: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work_folder(work, args.keep)
 
 
 if __name__ == "__main__":

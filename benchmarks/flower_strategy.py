@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, write_json  # noqa: E402
+from _common import RESULTS_DIR, environment, remove_work_folder, save_and_show  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flowertune_flexlora"
@@ -199,14 +198,9 @@ def main() -> None:
         for key in ("deployment_seconds",):
             for info in result[key].values():
                 info.pop("log", None)
-        path = write_json(Path(args.out), result)
-        print(json.dumps({k: result[k] for k in ("round_seconds", "overhead_seconds_per_round_vs_flexlora_run", "bytes_per_node_per_round_mean_after_round_1", "aggregate_rel_error_vs_exact")}, indent=2))
-        print(f"-> {path}")
+        save_and_show(args.out, result, ("round_seconds", "overhead_seconds_per_round_vs_flexlora_run", "bytes_per_node_per_round_mean_after_round_1", "aggregate_rel_error_vs_exact"))
     finally:
-        if args.keep:
-            print(f"working folder: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work_folder(work, args.keep)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ the project's own ``flower_app``, 3 rounds, every process started here and stopp
 faults are SIGKILLs at chosen moments. Each scenario runs from a fresh folder:
 
 * ``baseline``: no fault; ``final/`` against the in-process simulator's, file by file.
-* ``node-killed``: the node of client 0 SIGKILLed 3 s into round 2 and left dead (min-clients 1).
+* ``node-killed``: the node of client 0 SIGKILLed in round 2 (1 s after round 2's message reached
+  it, read from its own log) and left dead (min-clients 1).
 * ``node-restarted``: the same kill, and the node restarted 10 s later with the same command.
-* ``superlink-restart``: the SuperLink (and the ServerApp under it) SIGKILLed 3 s into round 2,
-  restarted on the same port; the SuperNodes are supervised (restarted whenever they exit, as
+* ``superlink-restart``: the SuperLink (and the ServerApp under it) SIGKILLed in round 2 (1 s after
+  round 2's message reached every node), restarted on the same port; the SuperNodes are supervised (restarted whenever they exit, as
   ``Restart=always`` does; their exit codes are recorded) and the run is resumed
   (``resume = true``, same ``out``); ``final/`` against the uninterrupted run's.
 * ``garbage``: ``failures.garbage = 0.4``: each node sends garbage (NaN, a wrong shape, a norm
@@ -17,9 +18,11 @@ faults are SIGKILLs at chosen moments. Each scenario runs from a fresh folder:
 * ``too-few-nodes``: min-clients 3 and the node of client 0 SIGKILLed in round 2: the run must
   stop, say so in ``summary.json`` and in ``flexlora status`` (exit 1).
 
-Per scenario: rounds completed, every dropped update with its reason, the run's status, the byte
+``--rounds`` and ``--kill-round`` move the kill (the slow test kills in round 1 of 2: one round
+less to wait for). Per scenario: rounds completed, every dropped update with its reason, the run's status, the byte
 comparison of ``final/``, exit codes (``flwr run``, ``flexlora status``, SuperNodes), the run as
-``flwr ls`` shows it, and the processes left over (must be none). The campaign is CPU-heavy and
+``flwr ls`` shows it, and the processes left over (must be none: every process of the scenario's
+sessions, and every process whose ``FLWR_HOME`` lies in the scenario's folder, after it stopped). The campaign is CPU-heavy and
 resumable: each ``--scenario`` writes its own JSON under ``--work``; ``--table`` gathers them into
 benchmarks/results/flower_faults.json and .md.
 
@@ -49,7 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "flower_app"
 SMOKE = ROOT / "configs" / "smoke.toml"
 ROUNDS = 3
-OVERRIDES = ["data.suite_clients=3", "federation.clients_per_round=3", "model.threads=1", f"federation.rounds={ROUNDS}"]
+KILL_ROUND = 2
+
+
+def overrides(rounds: int = ROUNDS) -> list[str]:
+    return ["data.suite_clients=3", "federation.clients_per_round=3", "model.threads=1", f"federation.rounds={rounds}"]
+
+
 GARBAGE = ["failures.garbage=0.4"]
 SCENARIOS = ["baseline", "node-killed", "node-restarted", "superlink-restart", "garbage", "too-few-nodes"]
 ROUND_TIMEOUT = 300.0
@@ -82,11 +91,23 @@ def _session(pid: int) -> int | None:
         return None
 
 
-def leftovers(sessions: set[int]) -> list[str]:
-    """Live processes in the sessions this scenario created (each started process leads its own)."""
+def _flwr_home_under(pid: int, folder: Path) -> bool:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    homes = [e.split(b"=", 1)[1].decode(errors="replace") for e in env if e.startswith(b"FLWR_HOME=")]
+    return any(h == str(folder) or h.startswith(str(folder) + os.sep) for h in homes)
+
+
+def leftovers(sessions: set[int], folder: Path) -> list[str]:
+    """Live processes in the sessions this scenario created (each started process leads its own), and
+    any other whose FLWR_HOME is in the scenario's folder (a process that left its session)."""
     out = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and _session(int(entry)) in sessions and LB._alive(int(entry)):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        if (_session(int(entry)) in sessions or _flwr_home_under(int(entry), folder)) and LB._alive(int(entry)):
             try:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
@@ -129,27 +150,42 @@ def compare_final(a: Path, b: Path) -> dict:
     return {"identical": not differ, "files": len(ha), "differing_files": differ}
 
 
-def reference(work: Path, failures: bool) -> Path:
+def reference(work: Path, failures: bool, rounds: int) -> Path:
     """The in-process simulator on the same config and seed (cached under ``work``)."""
-    out = work / ("reference-garbage" if failures else "reference")
+    out = work / ("reference-garbage" if failures else "reference") / f"rounds-{rounds}"
     if not (out / "summary.json").exists():
         from flexlora.config import load_config
         from flexlora.simulate import Simulation
 
         shutil.rmtree(out, ignore_errors=True)
-        Simulation(load_config(SMOKE, OVERRIDES + (GARBAGE if failures else [])), out, progress=False).run()
+        Simulation(load_config(SMOKE, overrides(rounds) + (GARBAGE if failures else [])), out, progress=False).run()
     return out
 
 
-def node_config(cid: int, rank_type: str) -> str:
-    return f'partition-id={cid} rank-type="{rank_type}"'
+def node_config(cid: int, rank_type: str | None) -> str:
+    """The node's identity and ranks; without a rank type the run config's distribution gives it
+    (as in Flower's simulation engine)."""
+    return f'partition-id={cid}' + (f' rank-type="{rank_type}"' if rank_type else "")
+
+
+def received(log: str, rnd: int) -> bool:
+    """Whether a SuperNode's log shows round ``rnd``'s train message received."""
+    in_round = receiving = False
+    for line in log.splitlines():
+        if "[RUN " in line and "ROUND " in line:
+            in_round, receiving = f"ROUND {rnd}]" in line, False
+        elif in_round and "Receiving: train message" in line:
+            receiving = True
+        elif in_round and receiving and "Received successfully" in line:
+            return True
+    return False
 
 
 # -- one scenario ---------------------------------------------------------------------------------
 class Deployment:
     """A SuperLink and three SuperNodes in ``work``, with a supervisor that restarts exited nodes."""
 
-    def __init__(self, work: Path, types: dict[int, str]) -> None:
+    def __init__(self, work: Path, types: dict[int, str | None]) -> None:
         self.work, self.types = work, types
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.procs = LB.Processes(work / "logs")
@@ -172,6 +208,11 @@ class Deployment:
         (self.work / "home" / "cli" / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
+
+    def node_log(self, cid: int) -> str:
+        """The log of the node's current instance (node0.log, node0-2.log after a restart, ...)."""
+        n = self.starts.get(f"node{cid}", 1)
+        return self.procs.log(f"node{cid}" if n == 1 else f"node{cid}-{n}")
 
     def start_node(self, cid: int) -> None:
         name = f"node{cid}"
@@ -210,12 +251,12 @@ class Deployment:
     def stop(self) -> list[str]:
         self.procs.stop()
         time.sleep(0.5)
-        return leftovers(self.sessions)
+        return leftovers(self.sessions, self.work)
 
 
-def run_config(out: Path, min_clients: int = 1, resume: bool = False, failures: bool = False) -> dict:
+def run_config(out: Path, rounds: int, min_clients: int = 1, resume: bool = False, failures: bool = False) -> dict:
     return {
-        "config": str(SMOKE), "set": "; ".join(OVERRIDES + (GARBAGE if failures else [])), "out": str(out), "resume": resume,
+        "config": str(SMOKE), "set": "; ".join(overrides(rounds) + (GARBAGE if failures else [])), "out": str(out), "resume": resume,
         "min-nodes": 3, "min-clients": min_clients, "round-retries": 1, "round-timeout": ROUND_TIMEOUT, "node-wait-timeout": 120.0,
     }
 
@@ -226,15 +267,19 @@ def status_cli(out: Path) -> tuple[int, str]:
     return r.returncode, (r.stdout + r.stderr).strip()
 
 
-def scenario(name: str, work: Path) -> dict:
-    ref = reference(work, failures=name == "garbage")
-    types = _types(ref)
+def scenario(name: str, work: Path, rounds: int = ROUNDS, kill_round: int = KILL_ROUND, with_reference: bool = True) -> dict:
+    """Run one scenario in ``work/name`` (fresh); ``with_reference=False``: no simulator run to
+    compare ``final/`` with, and the nodes declare only their partition id."""
+    if not 1 <= kill_round <= rounds:
+        raise SystemExit(f"--kill-round must be within 1..{rounds}")
+    ref = reference(work, failures=name == "garbage", rounds=rounds) if with_reference else None
+    types = _types(ref) if ref else {c: None for c in range(3)}
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     out = folder / "run"
     dep = Deployment(folder, types)
-    row: dict = {"scenario": name, "events": []}
+    row: dict = {"scenario": name, "rounds": rounds, "events": [], "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
     t0 = time.monotonic()
 
     def event(what: str) -> None:
@@ -243,14 +288,19 @@ def scenario(name: str, work: Path) -> dict:
     try:
         dep.start()
         event("SuperLink and 3 SuperNodes started")
-        rc = run_config(out, min_clients=3 if name == "too-few-nodes" else 1, failures=name == "garbage")
+        rc = run_config(out, rounds, min_clients=3 if name == "too-few-nodes" else 1, failures=name == "garbage")
         proc = dep.flwr_run(rc, "1")
         if name in ("node-killed", "node-restarted", "superlink-restart", "too-few-nodes"):
-            wait_until(lambda: any(r["round"] >= 1 for r in metrics(out)) or proc.poll() is not None, 400, "round 1")  # round 0: the evaluation at start
-            time.sleep(3.0)  # round 2's messages are out
+            row["kill_round"] = kill_round
+            targets = sorted(types) if name == "superlink-restart" else [0]
+            wait_until(lambda: all(received(dep.node_log(c), kill_round) for c in targets) or proc.poll() is not None, 400, f"round {kill_round}'s message at the node(s)")
+            if proc.poll() is not None:
+                raise OSError(f"flwr run exited {proc.returncode} before round {kill_round} reached the nodes")
+            event(f"round {kill_round}'s message received by node(s) {targets} (their logs)")
+            time.sleep(1.0)  # the ClientApp is starting / training: mid-round
             if name == "superlink-restart":
                 kill_hard(dep.procs, "superlink")
-                event("SuperLink SIGKILLed in round 2")
+                event(f"SuperLink SIGKILLed in round {kill_round}")
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
@@ -278,11 +328,11 @@ def scenario(name: str, work: Path) -> dict:
                         LB._signal_group(old.pid, signal.SIGKILL)
                         dep.start_node(c)
                 event("exited SuperNodes restarted (supervisor)")
-                proc = dep.flwr_run(run_config(out, resume=True), "2")
+                proc = dep.flwr_run(run_config(out, rounds, resume=True), "2")
                 event("flwr run with resume=true")
             else:
                 kill_hard(dep.procs, "node0")
-                event("node of client 0 SIGKILLed in round 2")
+                event(f"node of client 0 SIGKILLed in round {kill_round}")
                 if name == "node-restarted":
                     time.sleep(10.0)
                     dep.start_node(0)
@@ -310,15 +360,17 @@ def scenario(name: str, work: Path) -> dict:
     row["rejoined"] = {cid: n["rejoined"] for cid, n in summary.get("nodes", {}).items() if "rejoined" in n}
     row["status_cli"] = dict(zip(("exit", "line"), status_cli(out)))
     row["log_drop_lines"] = [line.strip()[-220:] for line in _server_log(folder).splitlines() if "left out:" in line and "flwr.flexlora:" in line]
+    if ref is None:
+        return row
     against = ref / "final"
-    if name in ("superlink-restart",) and (work / "baseline" / "run" / "final").is_dir():
+    if name in ("superlink-restart",) and (work / "baseline" / "run" / "final").is_dir() and rounds == ROUNDS:
         against = work / "baseline" / "run" / "final"
     row["final_vs"] = str(against.relative_to(work))
     row["final_comparison"] = compare_final(against, out / "final")
     return row
 
 
-def _types(ref: Path) -> dict[int, str]:
+def _types(ref: Path) -> dict[int, str | None]:
     recs = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     return {int(c["id"]): c["type"] for r in recs if r["round"] > 0 for c in r["clients"]}
 
@@ -331,15 +383,25 @@ def _server_log(folder: Path) -> str:
 # -- the table ------------------------------------------------------------------------------------
 def table(work: Path) -> None:
     # no machine paths in the committed results: the working folder becomes <work>
-    rows = [json.loads((work / f"{s}.json").read_text().replace(str(work), "<work>")) for s in SCENARIOS if (work / f"{s}.json").exists()]
-    result = {"environment": environment(), "config": {"config": "configs/smoke.toml", "overrides": OVERRIDES, "round_timeout": ROUND_TIMEOUT}, "scenarios": rows}
+    def anonymous(text: str) -> str:
+        for path, name in ((work, "<work>"), (ROOT, "<repo>"), (Path(sys.prefix), "<venv>"), (Path(sys.base_prefix), "<python>")):
+            text = text.replace(str(path), name)
+        return text
+
+    rows = [json.loads(anonymous((work / f"{s}.json").read_text())) for s in SCENARIOS if (work / f"{s}.json").exists()]
+    result = {"environment": environment(), "config": {"config": "configs/smoke.toml", "overrides": overrides(), "round_timeout": ROUND_TIMEOUT}, "scenarios": rows}
+    from importlib.metadata import version
+
+    result["environment"]["versions"]["flwr"] = version("flwr")
     result["environment"]["command"] = result["environment"]["command"].replace(str(work), "<work>")
-    result["environment"]["note"] = "loadavg_at_start is the load when the table was written; the scenarios ran under the shared CPU lock, one at a time"
+    result["environment"]["note"] = ("loadavg_at_start is the load when the table was written; each scenario's own is in its row; "
+                                     "the scenarios ran under the shared CPU lock, one at a time")
     write_json(RESULTS_DIR / "flower_faults.json", result)
     lines = [
         "# Flower deployment under faults (benchmarks/flower_faults.py)",
         "",
-        f"One SuperLink + 3 SuperNodes on 127.0.0.1, flower_app, configs/smoke.toml, {ROUNDS} rounds, round-timeout {ROUND_TIMEOUT:g} s; faults are SIGKILLs. "
+        f"One SuperLink + 3 SuperNodes on 127.0.0.1, flower_app, configs/smoke.toml, {ROUNDS} rounds, round-timeout {ROUND_TIMEOUT:g} s; faults are SIGKILLs, "
+        "1 s after the round's message reached the node(s) (read from the SuperNodes' logs). "
         f"Measured {result['environment']['date']}.",
         "",
         "| scenario | status (`flexlora status` exit) | rounds | dropped updates (round: client: reason) | final/ vs | processes left | seconds |",
@@ -370,6 +432,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, default=[])
     parser.add_argument("--remaining", action="store_true", help="every scenario without a result in --work yet, in order")
     parser.add_argument("--budget", type=float, default=float("inf"), help="start no scenario after this many seconds (resume with --remaining)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of the run (the table is for the default)")
+    parser.add_argument("--kill-round", type=int, default=KILL_ROUND, help="the round in which a process is SIGKILLed")
+    parser.add_argument("--no-reference", action="store_true", help="no simulator run to compare final/ with (nodes declare only their partition id)")
     parser.add_argument("--table", action="store_true", help="gather the scenarios run so far into benchmarks/results/flower_faults.{json,md}")
     args = parser.parse_args(argv)
     for key, value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"), ("HF_HUB_OFFLINE", "1")):
@@ -382,7 +447,7 @@ def main(argv=None) -> int:
         if time.monotonic() - t0 > args.budget:
             print(f"budget spent: {name} and later left for the next --remaining", flush=True)
             break
-        row = scenario(name, work)
+        row = scenario(name, work, args.rounds, args.kill_round, with_reference=not args.no_reference)
         write_json(work / f"{name}.json", row)
         print(json.dumps(row, indent=2))
     if args.table:

@@ -411,7 +411,7 @@ def table(work: Path) -> None:
         drops = "; ".join(f"r{rnd}: c{cid}: {reasons[0][:90]}" for rnd, d in r.get("drops", {}).items() for cid, reasons in d.items()) or "none"
         cmp_ = r.get("final_comparison", {})
         final = ("identical" if cmp_.get("identical") else f"differs ({len(cmp_.get('differing_files', []))} of {cmp_.get('files')} files)") + f" ({r.get('final_vs')})"
-        status = f"{r.get('status')} ({r.get('status_cli', {}).get('exit')})"
+        status = f"{r.get('status')} ({r.get('status_cli', {}).get('exit')})" + (f": {r['reason']}" if r.get("status") == "stopped" else "")
         lines.append(f"| {r['scenario']} | {status} | {r.get('rounds_completed')} | {drops} | {final} | {len(r.get('processes_left_over', []))} | {r.get('seconds')} |")
     lines += ["", "Events (seconds from the start of the scenario):", ""]
     for r in rows:

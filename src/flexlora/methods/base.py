@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from flexlora.lowrank import LowRankSum, map_modules
 from flexlora.seeds import module_seed
 from flexlora.update import (
     AdapterSpec,
@@ -292,6 +293,28 @@ class Accumulator(ABC):
             self.skeleton = ClientUpdate(update.client_id, 0, {n: LoraFactors(A=f.A.new_empty(0, f.d_in), B=f.B.new_empty(f.d_out, 0), scale=1.0) for n, f in update.modules.items()})
         else:
             check_compatible([self.skeleton, update])
+
+
+class ModuleSums(Accumulator):
+    """A running :class:`~flexlora.lowrank.LowRankSum` per module (the clients' factors while the
+    stacked rank is small, the dense sum beyond), for the methods whose round is one SVD of a
+    weighted sum (FlexLoRA, FLoRIST); ``add_module`` says how one client's module enters the sum."""
+
+    def __init__(self, method: "AggregationMethod") -> None:
+        super().__init__(method)
+        self.sums: dict[str, LowRankSum] = {}
+
+    @abstractmethod
+    def add_module(self, update: ClientUpdate, name: str, weight: float) -> None:
+        """Add module ``name`` of ``update`` to ``self.sums[name]`` with its unnormalised weight."""
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        m = self.method
+        for name, f in update.modules.items():
+            if name not in self.sums:
+                self.sums[name] = LowRankSum(f.d_out, f.d_in, m.dtype, m.device, m.svd_path)
+        # one thread per module: the bits do not depend on the thread count
+        map_modules(lambda name: self.add_module(update, name, weight), list(update.modules), m.device)
 
 
 class HeldUpdates(Accumulator):

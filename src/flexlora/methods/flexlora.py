@@ -17,8 +17,8 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import LowRankSum, Svd, SvdPath, map_modules, svd_of_sum
-from flexlora.methods.base import Accumulator, AggregationMethod
+from flexlora.lowrank import Svd, SvdPath, map_modules, svd_of_sum
+from flexlora.methods.base import AggregationMethod, ModuleSums
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -89,7 +89,7 @@ class FlexLoRA(AggregationMethod):
         return GlobalModule(A=A.contiguous(), B=B.contiguous(), spectrum=svd.S)
 
 
-class FlexLoRASum(Accumulator):
+class FlexLoRASum(ModuleSums):
     """FlexLoRA's weighted sum folded as the updates arrive, one :class:`~flexlora.lowrank.LowRankSum`
     per module (the clients' factors while the stacked rank is small, the dense sum beyond); the SVD
     and redistribution at the end are :meth:`FlexLoRA.aggregate`'s. Rounds whose stacked rank keeps
@@ -98,21 +98,9 @@ class FlexLoRASum(Accumulator):
 
     method: FlexLoRA
 
-    def __init__(self, method: FlexLoRA) -> None:
-        super().__init__(method)
-        self.sums: dict[str, LowRankSum] = {}
-
-    def fold(self, update: ClientUpdate, weight: float) -> None:
-        m = self.method
-        for name, f in update.modules.items():
-            if name not in self.sums:
-                self.sums[name] = LowRankSum(f.d_out, f.d_in, m.dtype, m.device, m.svd_path)
-
-        def add(name: str) -> None:
-            f = update.modules[name]
-            self.sums[name].add(f.B, f.A, weight, f.scale)
-
-        map_modules(add, list(update.modules), m.device)  # one thread per module: the bits do not depend on the thread count
+    def add_module(self, update: ClientUpdate, name: str, weight: float) -> None:
+        f = update.modules[name]
+        self.sums[name].add(f.B, f.A, weight, f.scale)
 
     def finish(self, round: int = 0) -> ServerState:
         p = self.normalised()

@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from flexlora.lowrank import LowRankSum, Svd, SvdPath, map_modules, svd_of_sum
-from flexlora.methods.base import Accumulator, AggregationMethod, modules_on_cpu, scaled_factors
+from flexlora.lowrank import Svd, SvdPath, svd_of_sum
+from flexlora.methods.base import AggregationMethod, ModuleSums, modules_on_cpu, scaled_factors
 from flexlora.update import ClientUpdate, GlobalModule, ServerState
 
 
@@ -75,7 +75,7 @@ class FLoRIST(AggregationMethod):
         return StackedSum(self)
 
 
-class StackedSum(Accumulator):
+class StackedSum(ModuleSums):
     """FLoRIST's stacked sum folded as the updates arrive (a :class:`~flexlora.lowrank.LowRankSum`
     per module: the factors while the stacked rank is small, the dense sum beyond), then the same
     SVD and energy threshold. The same bits as ``aggregate`` where the factored path is kept, the
@@ -83,21 +83,9 @@ class StackedSum(Accumulator):
 
     method: FLoRIST
 
-    def __init__(self, method: FLoRIST) -> None:
-        super().__init__(method)
-        self.sums: dict[str, LowRankSum] = {}
-
-    def fold(self, update: ClientUpdate, weight: float) -> None:
-        m = self.method
-        for name, f in update.modules.items():
-            if name not in self.sums:
-                self.sums[name] = LowRankSum(f.d_out, f.d_in, m.dtype, m.device, m.svd_path)
-
-        def add(name: str) -> None:
-            sB, A = scaled_factors(update, name, m.dtype, m.device)
-            self.sums[name].add(sB, A, weight)  # coefficient p_k on s_k B_k, as aggregate's stack
-
-        map_modules(add, list(update.modules), m.device)  # one thread per module: the bits do not depend on the thread count
+    def add_module(self, update: ClientUpdate, name: str, weight: float) -> None:
+        sB, A = scaled_factors(update, name, self.method.dtype, self.method.device)
+        self.sums[name].add(sB, A, weight)  # coefficient p_k on s_k B_k, as aggregate's stack
 
     def finish(self, round: int = 0) -> ServerState:
         p = self.normalised()
